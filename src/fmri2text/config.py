@@ -1,0 +1,270 @@
+"""Typed configuration: dataclasses, YAML files, dotted command-line overrides.
+
+One :class:`Config` holds every setting of a run. It is built from defaults, then a YAML
+file (``--config``), then ``section.key=value`` overrides, and is validated at each step:
+an unknown key is an error that lists the valid keys, a wrong type names the expected one.
+The resolved config is written into every run directory (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from fmri2text.errors import UserError
+
+INSTRUCTIONS = [
+    "What is the main thing happening in the video?",
+    "Describe the video.",
+    "What is happening in this video?",
+    "Briefly describe what you see in the video.",
+]
+
+
+@dataclass
+class SimulateConfig:
+    """The video-fMRI simulator (DESIGN §3): a BIDS dataset in HAD's layout."""
+
+    subjects: int = 6
+    runs: int = 3  # HAD: 12 (each block of 3 runs shows every class once when classes=180)
+    classes: int = 24  # HAD: 180
+    seed: int = 0
+    resolution: float = 4.0  # mm, MNI grid (HAD native is 2 mm)
+    cnr_scale: float = 1.0  # multiplies HAD's measured contrast-to-noise ratios
+    web_clips: int = 240  # disjoint captioned clips for teacher pretraining
+    clip_seconds: float = 2.0
+    fps: int = 8
+    frame_size: int = 64  # pixels, square
+    volumes_per_run: int = 156  # HAD
+    tr: float = 2.0  # HAD, seconds
+
+
+@dataclass
+class DataConfig:
+    """How trials are read from a BIDS dataset and turned into per-trial responses."""
+
+    task: str = "action"
+    space: str = "raw"  # raw | fmriprep | cifti
+    hrf_delay: float = 4.0  # seconds after onset where the response window starts
+    window: int = 2  # volumes per trial window (T)
+    high_pass: float = 0.01  # Hz, cosine drift regressors
+    standardize: bool = True  # z-score each voxel within its run
+    captions: str = "derivatives/simulation/captions.json"  # relative to the dataset root
+    max_bad_voxel_fraction: float = 0.05  # NaN/constant voxels above this are fatal
+
+
+@dataclass
+class SplitConfig:
+    """Which subjects train and which are held out; held-out trials go to adapt or test."""
+
+    heldout: list[str] = field(default_factory=list)  # subject labels; empty: the last n
+    n_heldout: int = 2
+    adapt_fraction: float = 0.5  # of held-out stimulus groups, for unlabeled adaptation
+    seed: int = 0
+
+
+@dataclass
+class BaselineConfig:
+    """Ridge regression from fMRI to a sentence embedding of the clip's caption."""
+
+    alphas: list[float] = field(default_factory=lambda: [1e2, 1e3, 1e4, 1e5, 1e6])
+    cv_folds: int = 5
+
+
+@dataclass
+class EvaluationConfig:
+    """Scoring of decoded text (DESIGN §5)."""
+
+    instruction: str = INSTRUCTIONS[0]
+    bertscore_model: str = "minilm"  # 'minilm' (embedded) or a local model folder
+    bertscore_layers: int = 6  # layer whose embeddings BERTScore uses
+    bertscore_idf: bool = False
+    bertscore_rescale: bool = False
+    n_permutations: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """Every setting of a run."""
+
+    seed: int = 0
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys.extend(_valid_keys(t, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def valid_keys() -> list[str]:
+    """All dotted keys a config accepts, e.g. ``data.window``."""
+    return _valid_keys(Config)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Cast ``value`` to the annotated type ``tp`` or raise a UserError naming both."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}", path=source,
+                            fix=f"write {key}=[a,b] or a YAML list")
+        return [_coerce(v, item_tp, key, source) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}", path=source,
+                        fix=f"write {key}=true or {key}=false")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            ok = False
+        elif tp is int:
+            ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        else:
+            ok = isinstance(value, (int, float))
+        if not ok and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+            return _coerce(value, tp, key, source) if not isinstance(value, str) else _bad(
+                value, tp, key, source)
+        if not ok:
+            _bad(value, tp, key, source)
+        return tp(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            _bad(value, tp, key, source)
+        return str(value)
+    return value
+
+
+def _bad(value: Any, tp: Any, key: str, source: str):
+    raise UserError(f"config key '{key}' must be {tp.__name__}, got {value!r}", path=source,
+                    fix=f"set {key} to a {tp.__name__} value")
+
+
+def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
+                        f"got {data!r}", path=source, fix="write it as 'key: value' lines")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise UserError(
+                f"unknown config key '{key}'", path=source,
+                fix="valid keys are: " + ", ".join(valid_keys()))
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, k), v if v is not None else {}, f"{key}.", source)
+        else:
+            setattr(obj, k, _coerce(v, tp, key, source))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form key=value",
+                        fix="write e.g. data.window=3 (valid keys: " + ", ".join(valid_keys()) + ")")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError("config file not found", path=path, fix="pass an existing YAML file")
+        try:
+            # safe_load: a YAML tag such as !!python/object is refused, never constructed
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"not valid YAML: {str(err).splitlines()[0]}", path=path,
+                            fix="fix the YAML syntax (plain keys and values only)") from None
+        _apply(cfg, data, "", str(path))
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        _apply(cfg, _nest(key, value), "", "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    s = cfg.simulate
+    checks = [
+        (s.subjects >= 2, "simulate.subjects", s.subjects, "at least 2 (one to train, one held out)"),
+        (s.runs >= 1, "simulate.runs", s.runs, "at least 1"),
+        (s.classes >= 2, "simulate.classes", s.classes, "at least 2"),
+        (s.resolution > 0, "simulate.resolution", s.resolution, "a positive size in mm"),
+        (s.cnr_scale >= 0, "simulate.cnr_scale", s.cnr_scale, "zero or positive"),
+        (s.web_clips >= 0, "simulate.web_clips", s.web_clips, "zero or positive"),
+        (cfg.data.window >= 1, "data.window", cfg.data.window, "at least 1 volume"),
+        (cfg.data.space in ("raw", "fmriprep", "cifti"), "data.space", cfg.data.space,
+         "one of raw, fmriprep, cifti"),
+        (0 < cfg.split.adapt_fraction < 1, "split.adapt_fraction", cfg.split.adapt_fraction,
+         "strictly between 0 and 1"),
+        (cfg.split.n_heldout >= 1, "split.n_heldout", cfg.split.n_heldout, "at least 1"),
+        (cfg.evaluation.n_permutations >= 1, "evaluation.n_permutations",
+         cfg.evaluation.n_permutations, "at least 1"),
+    ]
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise UserError(f"config value {key}={value!r} is out of range", fix=f"{key} must be {allowed}")
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Reading BIDS video-fMRI datasets into trial tables and per-trial responses."""

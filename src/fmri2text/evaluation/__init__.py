@@ -1,0 +1,1 @@
+"""Scoring decoded text: metrics, baselines, controls."""

@@ -1,0 +1,1 @@
+"""Models: the offline zoo, the teacher, the fMRI student."""
