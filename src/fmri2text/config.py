@@ -198,11 +198,30 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"override '{text}' is not of the form key=value",
                         fix="write e.g. data.window=3 (valid keys: " + ", ".join(valid_keys()) + ")")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    # strings (and lists of strings) are read verbatim, so subject labels keep leading zeros
+    if _is_text_key(key):
+        raw = raw.strip()
+        if raw.startswith("[") and raw.endswith("]"):
+            return key, [v.strip().strip("'\"") for v in raw[1:-1].split(",") if v.strip()]
+        return key, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
+
+
+def _is_text_key(key: str) -> bool:
+    cls: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return cls is str or cls == list[str]
 
 
 def _nest(key: str, value: Any) -> dict:
