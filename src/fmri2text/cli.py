@@ -106,27 +106,17 @@ def _root(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning :class:`UserError` into one message and exit code 2."""
+    """Entry point: run the app, turning :class:`UserError` into one message and exit code 2.
+
+    Usage errors (a missing option, a value out of range) are reported by typer itself,
+    also with exit code 2.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="fmri2text")
     except UserError as err:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False,
                           soft_wrap=True)
         sys.exit(UserError.exit_code)
-    except typer.Exit as ex:
-        sys.exit(ex.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

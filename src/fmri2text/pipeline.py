@@ -38,8 +38,6 @@ def run_simulate(out: Path, cfg: Config, log: Log = _noop, *, reuse: bool = Fals
     With ``reuse``, an existing dataset written by the same simulate config is kept as is.
     A non-empty folder not written by the simulator is refused, never overwritten.
     """
-    from fmri2text.simulate.bids_writer import simulate_dataset
-
     out = Path(out)
     section = to_dict(cfg)["simulate"]
     stamp = out / SIM_STAMP
@@ -51,6 +49,8 @@ def run_simulate(out: Path, cfg: Config, log: Log = _noop, *, reuse: bool = Fals
             raise UserError("the output folder is not empty and was not written by the simulator",
                             path=out, fix="pass an empty or new folder to --out")
     ensure_output_dir(out)
+    from fmri2text.simulate.bids_writer import simulate_dataset
+
     t0 = time.perf_counter()
     if stamp.exists():
         stamp.unlink()  # the dataset is being rewritten: it is not complete until the stamp is back
@@ -82,6 +82,8 @@ def run_demo(out: Path, cfg: Config, log: Log = _noop) -> DemoResult:
     Writes ``config.yaml``, ``predictions.jsonl``, ``controls/*.jsonl`` and ``metrics.json``
     into the run directory ``out``.
     """
+    out = ensure_output_dir(out, what="run directory")
+
     from fmri2text.data.bids import load_trials
     from fmri2text.data.fmri import extract_responses
     from fmri2text.data.splits import assign_splits, check_leakage
@@ -89,7 +91,6 @@ def run_demo(out: Path, cfg: Config, log: Log = _noop) -> DemoResult:
     from fmri2text.evaluation.evaluate import evaluate, format_table, shuffle_within_subject
     from fmri2text.evaluation.metrics import TextScorer
 
-    out = ensure_output_dir(out, what="run directory")
     write_text(out / "config.yaml", dump_config(cfg))
     timings: dict[str, float] = {}
 
