@@ -113,7 +113,10 @@ def run_demo(out: Path, cfg: Config, log: Log = _noop) -> DemoResult:
 
     t = time.perf_counter()
     ridge = RidgeBaseline(cfg.baseline)
-    ridge.fit(X[train], [texts[i] for i in np.flatnonzero(train)])
+    train_idx = np.flatnonzero(train)
+    # cross-validation folds hold out whole subjects: the penalty is chosen for new people
+    ridge.fit(X[train_idx], [texts[i] for i in train_idx],
+              groups=trials["subject"].to_numpy()[train_idx])
     test_idx = np.flatnonzero(test)
     test_subjects = trials["subject"].to_numpy()[test_idx]
     decoded = ridge.decode(X[test_idx])
