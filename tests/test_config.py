@@ -59,3 +59,10 @@ def test_dump_round_trips(tmp_path):
     f.write_text(dump_config(cfg))
     assert load_config(f) == cfg
     assert isinstance(Config(), Config) and "baseline.alphas" in valid_keys()
+
+
+def test_exponent_floats_from_yaml_and_command_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("mbm:\n  lr: 1e-3\n")
+    assert load_config(f).mbm.lr == 1e-3
+    assert load_config(None, ["mbm.lr=2.5e-4"]).mbm.lr == 2.5e-4

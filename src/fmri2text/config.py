@@ -57,6 +57,18 @@ class DataConfig:
     standardize: bool = True  # z-score each voxel within its run
     captions: str = "derivatives/simulation/captions.json"  # relative to the dataset root
     max_bad_voxel_fraction: float = 0.05  # NaN/constant voxels above this are fatal
+    # layout of the dataset (data/bids.py); task may list several: "train,test"
+    bold_dir: str = ""  # BOLD folder relative to the root: "" = raw func/, e.g. derivatives/fmriprep
+    bold_space: str = ""  # space- entity of the BOLD files (MNI152NLin2009cAsym, fsLR); "" = none
+    onset_offset: float = 12.0  # seconds added to a run's onsets (HAD counts from the first trial)
+    onset_offset_below: float = 6.0  # ... only when the run's first onset is below this
+    class_source: str = "folder"  # folder (stim_file's folder) | column (class_column) | none
+    class_column: str = "trial_type"  # folder: checked class id (HAD 1 + ASCII index); column: name
+    group_pattern: str = r"_id_(?P<group>[A-Za-z0-9_-]{11})_start_"  # on stim_file; else own group
+    caption_field: str = ""  # field of dict-valued caption entries (BOLD Moments: text_descriptions)
+    confounds: list[str] = field(default_factory=list)  # fMRIPrep confound columns to regress out
+    workers: int = 0  # runs read in parallel threads; 0 = number of CPU cores
+    store_chunk_rows: int = 0  # rows per prepared-store chunk file; 0 = about 16 MiB per chunk
 
 
 @dataclass
@@ -67,6 +79,8 @@ class SplitConfig:
     n_heldout: int = 2
     adapt_fraction: float = 0.5  # of held-out stimulus groups, for unlabeled adaptation
     seed: int = 0
+    test_stim_pattern: str = ""  # regex on stim_file: only matching groups may be test (BMD: ^test/)
+    overlap: str = "adapt"  # held-out group a training subject saw: adapt (never test) | drop
 
 
 @dataclass
@@ -86,7 +100,104 @@ class EvaluationConfig:
     bertscore_layers: int = 6  # layer whose embeddings BERTScore uses
     bertscore_idf: bool = False
     bertscore_rescale: bool = False
+    bertscore_baseline: str = ""  # rescale baseline TSV; empty: bert_score's bundled one for the model
+    bertscore_batch_size: int = 64  # sentences per BERTScore forward pass
     n_permutations: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and temperatures of Stage I and Stage II (DESIGN §2, paper eqs. 1–6)."""
+
+    alpha: float = 0.5  # L2L1: (1-alpha)*||z-x||^2 + alpha*||z-x||_1
+    beta: float = 0.5  # Stage I: beta*CLIP + (1-beta)*L2L1
+    lambda_: float = 0.5  # Stage II: lambda*CE + (1-lambda)*DA
+    tau_clip: float = 0.05  # CLIP temperature (paper 0.05)
+    learn_tau: bool = False  # learn the CLIP temperature (log scale, init tau_clip)
+    domain_adaptation: bool = True  # DANCE terms in Stage II (false: DA = 0)
+    dance_tau: float = 0.5  # neighbourhood-clustering temperature (paper 0.5; DANCE 0.05)
+    classifier_temperature: float = 0.05  # cosine classifier g (DANCE 0.05)
+    eta: float = 0.05  # weight of NC + ES (DANCE 0.05)
+    margin: float = 0.5  # entropy-separation margin m (DANCE 0.5)
+    memory_momentum: float = 0.0  # memory bank: new = m*old + (1-m)*feature (DANCE 0.0)
+    nc_mask: str = "exclude"  # exclude | min_similarity (DANCE code: masked logits = -1/tau)
+
+
+@dataclass
+class EncoderConfig:
+    """The fMRI student encoder (DESIGN §2): tokenizer, SC-MBM ViT, adaptors, projector.
+
+    Size fields left at ``None`` (or an empty list) take their value from ``preset``
+    (``tiny`` for tests, ``small`` for the CPU demo, ``mindvis`` = Mind-Vis reference sizes).
+    """
+
+    preset: str = "small"  # tiny | small | mindvis
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    tokenizer_channels: list[int] = field(default_factory=list)  # one stride-2 conv per entry
+    surface_patch: int = 256  # grayordinates per token for surface (CIFTI) input
+    target_pool: int = 2  # MBM target: sub-blocks per axis inside each token's cell
+    pos_embed: str = "sincos"  # sincos (fixed) | learned
+    grad_checkpoint: bool = False  # recompute tokenizer stages and blocks in backward
+    adapter_rank: int = 8
+    adapter_scale: float = 1.0
+    projector_dim: int = 256  # width of the projector's cross-attention
+    projector_heads: int = 4
+
+
+@dataclass
+class MBMConfig:
+    """Masked brain modeling pretraining (MAE on fMRI tokens; Mind-Vis optimiser defaults)."""
+
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2.5e-4
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    mask_ratio: float = 0.75
+    clip_grad: float = 0.8  # max gradient norm; 0 disables clipping
+    val_fraction: float = 0.2  # of windows held out to measure reconstruction error
+    log_every: int = 25
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    """The Video-LLaMA teacher (DESIGN §2) and its pretraining on captioned web clips.
+
+    Defaults are the embedded CPU world; the paper's sizes are 32 image and 32 video
+    queries on EVA ViT-g at 224 px with LLaMA-2-7B (set llm to a local folder).
+    """
+
+    llm: str = "smollm2"  # 'smollm2' (embedded) or a local transformers folder
+    llm_dtype: str = "bfloat16"  # bfloat16 | float32 | float16
+    vision: str = "efficientnet-lite0"
+    image_size: int = 128  # backbone input px (224: 7x7 patches; 128: 4x4)
+    n_frames: int = 8  # frames sampled per clip
+    bert: str = "minilm"  # initialises the Q-Formers; 'none' for random
+    image_queries: int = 32
+    image_layers: int = 2
+    video_queries: int = 32  # L, video tokens per clip
+    video_layers: int = 2
+    max_frames: int = 32  # frame position embeddings
+    cross_attention_frequency: int = 1
+    token_norm: bool = True  # rescale video tokens to the LLM embedding std
+    system_prompt: str = ""  # '' keeps the chat template's default system prompt
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    heldout_fraction: float = 0.2  # web clips held out to evaluate the teacher
+    max_new_tokens: int = 24
+    greedy: bool = True  # greedy decoding; else sampling seeded by seed
     seed: int = 0
 
 
@@ -100,6 +211,10 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mbm: MBMConfig = field(default_factory=MBMConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -153,12 +268,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         else:
             ok = isinstance(value, (int, float))
         if not ok and isinstance(value, str):
+            # YAML 1.1 reads '1e-3' as a string: accept any Python number literal
             try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass
-            return _coerce(value, tp, key, source) if not isinstance(value, str) else _bad(
-                value, tp, key, source)
+                number = float(value) if tp is float else int(value)
+            except ValueError:
+                _bad(value, tp, key, source)
+            return number
         if not ok:
             _bad(value, tp, key, source)
         return tp(value)

@@ -1,0 +1,183 @@
+"""Masked brain modeling (MBM) pretraining recipe for the SC-MBM encoder.
+
+setup (split windows, build :class:`BrainMAE`, AdamW with Mind-Vis defaults) → train
+(random 75 % masks per sample, masked-token MSE, warm-up + cosine schedule, gradient
+clipping) → evaluate on held-out windows against the "predict the training mean" baseline
+→ save (``mbm.safetensors`` + ``mbm_metrics.json`` in ``out_dir``).
+
+Labels are never used: any collection of fMRI windows works.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+from fmri2text.config import Config
+from fmri2text.errors import UserError
+from fmri2text.io import ensure_output_dir, write_json
+from fmri2text.models.brain_encoder import BrainMAE, save_mae, spec_from_config
+
+WindowSource = np.ndarray | Sequence  # (n, T, X, Y, Z) / (n, T, V) array, or items of that shape
+
+
+def _window(data: WindowSource, i: int) -> np.ndarray:
+    item = data[i]
+    if isinstance(item, (tuple, list)):  # (fmri, label, …) datasets: labels unused
+        item = item[0]
+    if isinstance(item, dict):
+        item = item["fmri"]
+    return np.asarray(item, dtype=np.float32)
+
+
+def _batch(data: WindowSource, idx: Sequence[int]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([_window(data, int(i)) for i in idx]))
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if n < 2:
+        raise UserError(f"MBM pretraining needs at least 2 fMRI windows, got {n}",
+                        fix="prepare more runs or subjects")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, int(round(n * val_fraction))))
+    return order[n_val:], order[:n_val]
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate_mbm(model: BrainMAE, data: WindowSource, idx: np.ndarray, mean_target: torch.Tensor,
+                 mask_ratio: float, batch_size: int = 8, seed: int = 1234) -> dict[str, float]:
+    """Masked-token MSE of the model and of the mean-target baseline on windows ``idx``.
+
+    The same seeded masks are used for both. ``mean_target`` (N, F) is the per-token,
+    per-feature mean target over the training windows.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    sums = {"model": 0.0, "mean": 0.0, "zero": 0.0}
+    n_masked = 0.0
+    for start in range(0, len(idx), batch_size):
+        x = _batch(data, idx[start:start + batch_size])
+        out = model(x, mask_ratio=mask_ratio, generator=gen)
+        m = out["mask"]  # (B, N)
+        tgt = out["target"]  # (B, N, F)
+        sums["model"] += (((out["pred"] - tgt) ** 2).mean(-1) * m).sum().item()
+        sums["mean"] += (((mean_target - tgt) ** 2).mean(-1) * m).sum().item()
+        sums["zero"] += ((tgt ** 2).mean(-1) * m).sum().item()
+        n_masked += m.sum().item()
+    model.train()
+    return {f"val_mse_{k}": v / n_masked for k, v in sums.items()}
+
+
+def pretrain_mbm(data: WindowSource, cfg: Config, out_dir: str | Path) -> dict:
+    """Pretrain tokenizer + encoder by masked brain modeling; return the metrics.
+
+    Parameters
+    ----------
+    data:
+        fMRI windows: an array (n, T, X, Y, Z) or (n, T, V), or any indexable of such
+        windows (items may be ``(fmri, …)`` tuples or ``{'fmri': …}`` dicts).
+    cfg:
+        Uses ``cfg.encoder`` (model sizes) and ``cfg.mbm`` (optimisation).
+    out_dir:
+        Receives ``mbm.safetensors`` (weights, spec and input shape) and ``mbm_metrics.json``.
+    """
+    m = cfg.mbm
+    if not 0.0 < m.mask_ratio < 1.0 or m.steps < 1 or m.batch_size < 1:
+        raise UserError(f"mbm.mask_ratio={m.mask_ratio}, mbm.steps={m.steps}, "
+                        f"mbm.batch_size={m.batch_size} out of range",
+                        fix="mask_ratio strictly between 0 and 1, steps and batch_size >= 1")
+    out_dir = ensure_output_dir(out_dir, what="MBM output folder")
+    n = len(data)
+    train_idx, val_idx = _split(n, m.val_fraction, m.seed)
+    first = _window(data, 0)
+    if not np.isfinite(first).all():
+        raise UserError("fMRI window 0 contains NaN or infinite values",
+                        fix="mask or interpolate bad voxels when preparing the data")
+    torch.manual_seed(m.seed)
+    model = BrainMAE(spec_from_config(cfg.encoder), first.shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": m.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=m.lr, betas=(m.beta1, m.beta2))
+
+    # baseline: mean target over training windows (N, F)
+    with torch.no_grad():
+        tot = None
+        for start in range(0, len(train_idx), m.batch_size):
+            t = model.tokenizer.target(_batch(data, train_idx[start:start + m.batch_size]))
+            tot = t.sum(0) if tot is None else tot + t.sum(0)
+        mean_target = tot / len(train_idx)
+
+    rng = np.random.default_rng(m.seed)
+    gen = torch.Generator().manual_seed(m.seed)
+    history = []
+    initial = evaluate_mbm(model, data, val_idx, mean_target, m.mask_ratio, m.batch_size)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(m.steps):
+        lr = _lr_at(step, m.steps, m.warmup_steps, m.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = rng.choice(train_idx, size=min(m.batch_size, len(train_idx)), replace=False)
+        loss = model(_batch(data, idx), mask_ratio=m.mask_ratio, generator=gen)["loss"]
+        if not torch.isfinite(loss):
+            raise UserError(f"MBM loss became {loss.item()} at step {step}",
+                            fix="lower mbm.lr or check the fMRI windows for extreme values")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if m.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, m.clip_grad)
+        opt.step()
+        if step % m.log_every == 0 or step == m.steps - 1:
+            history.append({"step": step, "loss": round(loss.item(), 6), "lr": lr})
+    seconds = time.perf_counter() - t0
+    final = evaluate_mbm(model, data, val_idx, mean_target, m.mask_ratio, m.batch_size)
+    metrics = {
+        "n_train_windows": int(len(train_idx)), "n_val_windows": int(len(val_idx)),
+        "input_shape": list(first.shape), "num_tokens": model.tokenizer.num_tokens,
+        "target_dim": model.tokenizer.target_dim, "steps": m.steps,
+        "seconds": round(seconds, 2), "initial": initial, "final": final,
+        "ratio_to_mean_baseline": final["val_mse_model"] / final["val_mse_mean"],
+        "history": history,
+    }
+    save_mae(model, Path(out_dir) / "mbm.safetensors")
+    write_json(Path(out_dir) / "mbm_metrics.json", metrics)
+    return metrics
+
+
+def synthetic_fmri_windows(n: int, grid: tuple[int, ...], window: int = 2, n_components: int = 6,
+                           noise: float = 0.3, smooth: float | None = None,
+                           seed: int = 0) -> np.ndarray:
+    """fMRI-like windows for smoke tests and measurements: (n, T, *grid) float32.
+
+    Each window mixes ``n_components`` shared smooth spatial maps (Gaussian-smoothed noise)
+    with random, slowly varying time courses, plus smooth subject-free background and white
+    noise, then z-scores each voxel; masked tokens are thus predictable from visible ones.
+    ``smooth`` is the Gaussian sigma of the maps in voxels (default: min(grid) / 8).
+    """
+    rng = np.random.default_rng(seed)
+    sigma = smooth if smooth is not None else max(1.0, min(grid) / 8)
+    maps = np.stack([gaussian_filter(rng.standard_normal(grid), sigma) for _ in range(n_components)])
+    maps /= maps.std(axis=tuple(range(1, maps.ndim)), keepdims=True)  # (K, *grid)
+    base = rng.standard_normal((n, 1, n_components))
+    drift = 0.3 * rng.standard_normal((n, window, n_components)).cumsum(axis=1)
+    amps = base + drift  # (n, T, K)
+    x = np.tensordot(amps, maps, axes=([2], [0]))  # (n, T, *grid)
+    x += noise * rng.standard_normal(x.shape)
+    x = (x - x.mean(axis=0, keepdims=True)) / (x.std(axis=0, keepdims=True) + 1e-6)
+    return x.astype(np.float32)

@@ -1,0 +1,49 @@
+"""Student: exactly L tokens of the LLM width; gradients reach only tokenizer, adaptors, projector."""
+
+import torch
+
+from fmri2text.config import EncoderConfig
+from fmri2text.models.student import Projector, Student
+
+SHAPE = (2, 16, 16, 8)
+
+
+def _student() -> Student:
+    torch.manual_seed(0)
+    return Student.from_config(EncoderConfig(preset="tiny", projector_dim=32, projector_heads=2),
+                               SHAPE, d_llm=24, n_tokens=5)
+
+
+def test_projector_outputs_exactly_L_tokens():
+    proj = Projector(in_dim=16, out_dim=24, n_queries=7, dim=32, num_heads=4)
+    assert proj(torch.randn(3, 40, 16)).shape == (3, 7, 24)
+    assert proj(torch.randn(3, 2, 16)).shape == (3, 7, 24)
+
+
+def test_student_shape_and_embedding():
+    s = _student()
+    x = torch.randn(2, *SHAPE)
+    assert s(x).shape == (2, 5, 24)
+    e = s.embedding(x)
+    assert e.shape == (2, 24) and torch.allclose(e.norm(dim=-1), torch.ones(2))
+
+
+def test_only_tokenizer_adaptors_projector_receive_gradients():
+    s = _student()
+    base_before = {k: v.clone() for k, v in s.encoder.state_dict().items()}
+    s.add_adapters(rank=4)
+    s(torch.randn(2, *SHAPE)).square().mean().backward()
+    with_grad = {n for n, p in s.named_parameters() if p.grad is not None}
+    for n in with_grad:
+        assert n.startswith(("tokenizer.", "projector.")) or ".adapter." in n, n
+    assert any(n.startswith("tokenizer.") for n in with_grad)
+    assert any(n.startswith("projector.") for n in with_grad)
+    assert any(".adapter.up" in n for n in with_grad)
+    frozen = [n for n, p in s.encoder.named_parameters() if ".adapter." not in n]
+    assert frozen and all(not s.encoder.get_parameter(n).requires_grad for n in frozen)
+    # an optimiser step over trainable parameters leaves the encoder base unchanged
+    opt = torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=0.1)
+    opt.step()
+    after = s.encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items())
+    assert set(s.trainable_state_dict()) == {n for n, p in s.named_parameters() if p.requires_grad}
