@@ -66,6 +66,21 @@ def simulate(
 
 
 @app.command()
+def prepare(
+    bids: Path = typer.Option(..., "--bids", help="Root of the BIDS dataset (holding sub-*/)."),
+    out: Path = typer.Option(..., "--out", help="Folder for trials.tsv, the store and its manifest."),
+    config: Optional[Path] = CONFIG_OPT,
+    overrides: Optional[list[str]] = OVERRIDES_ARG,
+) -> None:
+    """Read a BIDS dataset into trials.tsv and a chunked float16 store (resumes when rerun)."""
+    from fmri2text.data.store import prepare as run_prepare
+
+    cfg = _load(config, overrides)
+    path = run_prepare(bids, out, cfg, log=lambda m: console.print(m, markup=False, highlight=False))
+    console.print(f"prepared store in [bold]{escape(str(path))}[/bold]")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
     config: Optional[Path] = CONFIG_OPT,
@@ -79,6 +94,23 @@ def demo(
     console.print(result.table)
     console.print(f"metrics: [bold]{result.metrics_path}[/bold]")
     console.print(f"predictions: [bold]{result.predictions_path}[/bold]")
+    console.print(f"report: [bold]{result.report_path}[/bold]")
+
+
+@app.command()
+def report(
+    run: Path = typer.Option(..., "--run", help="Run directory holding metrics.json."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default RUN/report.html)."),
+    bids: Optional[Path] = typer.Option(None, "--bids",
+                                        help="Dataset root whose stimuli/ holds the clips "
+                                             "(default RUN/bids)."),
+    samples: int = typer.Option(8, "--samples", min=0, help="Sample cards to show."),
+) -> None:
+    """Write one self-contained HTML report of a run (tables, plots, samples, brain map)."""
+    from fmri2text.report.html import build_report
+
+    path = build_report(run, out=out, dataset_root=bids, n_samples=samples)
+    console.print(f"report: [bold]{path}[/bold]")
 
 
 @app.command("config")

@@ -16,7 +16,7 @@ import numpy as np
 
 from fmri2text.config import Config, dump_config, to_dict
 from fmri2text.errors import UserError
-from fmri2text.io import ensure_output_dir, write_json, write_jsonl, write_text
+from fmri2text.io import ensure_output_dir, write_bytes, write_json, write_jsonl, write_text
 
 Log = Callable[[str], None]
 
@@ -69,6 +69,7 @@ class DemoResult:
     table: object
     metrics_path: Path
     predictions_path: Path
+    report_path: Path
 
 
 def _clip_texts(trials) -> list[str]:
@@ -157,7 +158,27 @@ def run_demo(out: Path, cfg: Config, log: Log = _noop) -> DemoResult:
     for name, ctl in controls.items():
         write_jsonl(out / "controls" / f"{name}.jsonl", ctl)
     write_json(out / "metrics.json", metrics)
-    return DemoResult(metrics, format_table(metrics), out / "metrics.json", out / "predictions.jsonl")
+    if responses.mask_img is not None:
+        # where the decoder draws its information: per-voxel norm of the ridge weights
+        write_brain_map(out / "brain_map.nii.gz", np.linalg.norm(ridge.coef_, axis=1),
+                        responses.mask_img)
+
+    from fmri2text.report.html import build_report
+
+    report = build_report(out, dataset_root=bids)
+    log(f"report: {report}")
+    return DemoResult(metrics, format_table(metrics), out / "metrics.json",
+                      out / "predictions.jsonl", report)
+
+
+def write_brain_map(path: Path, values: np.ndarray, mask_img) -> None:
+    """Write per-feature ``values`` (n_features,) back into the volume of ``mask_img``."""
+    import gzip
+
+    from nilearn.masking import unmask
+
+    img = unmask(values.astype(np.float32), mask_img)
+    write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
 
 
 def _prompt_only_control(cfg: Config, n: int, log: Log) -> list[str] | None:
