@@ -139,7 +139,8 @@ def run_demo(out: Path, cfg: Config, log: Log = _noop) -> DemoResult:
         } for i, h in zip(test_idx, hyps)]
 
     predictions = rows(decoded)
-    controls = {"shuffled": rows(shuffled), "ridge": predictions}
+    # the decoder here *is* the ridge baseline, so it is not listed again as its own control
+    controls = {"shuffled": rows(shuffled)}
     prompt_only = _prompt_only_control(cfg, len(test_idx), log)
     if prompt_only is not None:
         controls["prompt_only"] = rows(prompt_only)
