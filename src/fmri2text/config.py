@@ -53,6 +53,7 @@ class DataConfig:
     space: str = "raw"  # raw | fmriprep | cifti
     hrf_delay: float = 4.0  # seconds after onset where the response window starts
     window: int = 2  # volumes per trial window (T)
+    aggregate: str = "mean"  # mean: (n_trials, n_features) | stack: (n_trials, window, n_features)
     high_pass: float = 0.01  # Hz, cosine drift regressors
     standardize: bool = True  # z-score each voxel within its run
     captions: str = "derivatives/simulation/captions.json"  # relative to the dataset root
@@ -178,7 +179,7 @@ class TeacherConfig:
     """
 
     llm: str = "smollm2"  # 'smollm2' (embedded) or a local transformers folder
-    llm_dtype: str = "bfloat16"  # bfloat16 | float32 | float16
+    llm_dtype: str = "auto"  # auto (bf16 only where native: GPU/AVX-512) | bfloat16 | float32
     vision: str = "efficientnet-lite0"
     image_size: int = 128  # backbone input px (224: 7x7 patches; 128: 4x4)
     n_frames: int = 8  # frames sampled per clip

@@ -108,3 +108,14 @@ def test_cifti_responses(tmp_path: Path):
     resp = extract_responses(load_trials(root, cfg), cfg)
     assert resp.mask_img is None and resp.feature_space == "cifti 24"
     assert resp.data.shape == (20, 24) and np.isfinite(resp.data).all()
+
+
+def test_stacked_windows_average_to_the_mean_responses(had_root):
+    from dataclasses import replace
+
+    cfg = replace(DataConfig(), window=3, captions="")
+    trials = load_trials(had_root, cfg)
+    mean = extract_responses(trials, cfg)
+    stack = extract_responses(trials, replace(cfg, aggregate="stack"))
+    assert stack.data.shape == (len(trials), 3, mean.data.shape[1])
+    np.testing.assert_allclose(stack.data.mean(axis=1), mean.data, atol=1e-5)

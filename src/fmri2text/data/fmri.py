@@ -45,7 +45,8 @@ class Responses:
     Attributes
     ----------
     data:
-        (n_trials, n_features) float32, z-scored within each run when configured.
+        (n_trials, n_features) float32 (data.aggregate=mean), or (n_trials, window, n_features)
+        (data.aggregate=stack, the windows the 3D tokenizer reads); z-scored within each run.
     mask_img:
         The common brain mask as a NIfTI image (uint8), or None for CIFTI data.
     feature_space:
@@ -67,7 +68,7 @@ class Responses:
 @dataclass
 class _Run:
     good: np.ndarray  # (n_grid,) bool, C order
-    values: np.ndarray  # (n_trials_run, n_good) float32
+    values: np.ndarray  # (n_trials_run, [window,] n_good) float32
     nonfinite: np.ndarray  # (n_grid,) bool
     constant: np.ndarray  # (n_grid,) bool
 
@@ -213,11 +214,10 @@ def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
             f"trial at onset {onsets[i]:.2f} s needs volumes {int(start[i])}..{int(start[i]) + cfg.window - 1}"
             f" but the run has {n_t} ({bold_path})", path=events_path or bold_path,
             fix="check the onsets, or lower data.hrf_delay / data.window")
-    values = np.zeros((len(onsets), x.shape[1]), dtype=np.float64)
-    for w in range(cfg.window):
-        values += x[start + w]
-    values /= cfg.window
-    return _Run(good, values.astype(np.float32), nonfinite, constant)
+    values = x[start[:, None] + np.arange(cfg.window)]  # (n_trials, window, V_good)
+    if cfg.aggregate == "mean":
+        values = values.mean(axis=1, dtype=np.float64).astype(np.float32)  # (n_trials, V_good)
+    return _Run(good, values, nonfinite, constant)
 
 
 def _grid(trials: pd.DataFrame) -> tuple[tuple, np.ndarray | None, bool]:
@@ -282,9 +282,13 @@ def extract_responses(trials: pd.DataFrame, cfg: DataConfig) -> Responses:
     if not common.any():
         raise UserError("no voxel is good in every run (the brain masks do not overlap)",
                         path=runs[0][0], fix="check that all runs are in the same space")
-    data = np.empty((len(trials), int(common.sum())), dtype=np.float32)
+    if cfg.aggregate not in ("mean", "stack"):
+        raise UserError(f"data.aggregate={cfg.aggregate!r} is not known",
+                        fix="data.aggregate must be one of mean, stack")
+    lead = (len(trials),) if cfg.aggregate == "mean" else (len(trials), cfg.window)
+    data = np.empty(lead + (int(common.sum()),), dtype=np.float32)
     for (path, rows), res in zip(runs, results):
-        data[rows] = res.values[:, common[res.good]]
+        data[rows] = res.values[..., common[res.good]]
     if cifti:
         mask_img, space = None, f"cifti {shape[0]}"
     else:
