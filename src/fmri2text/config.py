@@ -184,21 +184,62 @@ class TeacherConfig:
     image_size: int = 128  # backbone input px (224: 7x7 patches; 128: 4x4)
     n_frames: int = 8  # frames sampled per clip
     bert: str = "minilm"  # initialises the Q-Formers; 'none' for random
-    image_queries: int = 32
+    image_queries: int = 8  # paper/BLIP-2: 32 (CPU budget: see BENCHMARKS)
     image_layers: int = 2
-    video_queries: int = 32  # L, video tokens per clip
+    video_queries: int = 8  # L, video tokens per clip (paper: 32)
     video_layers: int = 2
     max_frames: int = 32  # frame position embeddings
     cross_attention_frequency: int = 1
     token_norm: bool = True  # rescale video tokens to the LLM embedding std
-    system_prompt: str = ""  # '' keeps the chat template's default system prompt
+    system_prompt: str = "You describe short videos."  # '' keeps the template default
     steps: int = 100
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
     heldout_fraction: float = 0.2  # web clips held out to evaluate the teacher
     max_new_tokens: int = 24
     greedy: bool = True  # greedy decoding; else sampling seeded by seed
+    seed: int = 0
+
+
+@dataclass
+class Stage1Config:
+    """Stage I recipe: align the student's Z with the teacher's video tokens X (DESIGN §2)."""
+
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    checkpoint_every: int = 50  # steps between checkpoints (and on SIGTERM/SIGINT)
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 10  # steps between log.jsonl / TensorBoard writes
+    mixed_precision: str = "auto"  # auto (bf16 only where native: GPU, AVX-512) | bf16 | no
+    mbm_checkpoint: str = "auto"  # auto: RUN/mbm/mbm.safetensors or RUN/mbm.safetensors if present; "" none
+    annotations: str = "annotations"  # folder of the teacher's annotations, relative to RUN
+    eval_batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Stage2Config:
+    """Stage II recipe: answer CE through the frozen LLM + DANCE on held-out adapt fMRI."""
+
+    steps: int = 60
+    batch_size: int = 8  # source (fMRI, instruction, answer) triplets per step
+    target_batch_size: int = 8  # held-out adapt windows per step (DANCE)
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 5
+    grad_clip: float = 1.0
+    checkpoint_every: int = 20
+    keep_last: int = 2
+    log_every: int = 5
+    mixed_precision: str = "auto"  # auto follows the LLM dtype (bf16 only where native) | bf16 | no
+    train_tokenizer: bool = False  # DESIGN: only the bridge (adaptors + projector) and g train
+    compare_da: bool = False  # also train the other DA setting (same seed) for the with/without table
+    eval_max_trials: int = 0  # held-out test trials used for CE; 0 = all
     seed: int = 0
 
 
@@ -216,6 +257,8 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     mbm: MBMConfig = field(default_factory=MBMConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
 
 # ----------------------------------------------------------------------------- validation
