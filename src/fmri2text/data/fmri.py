@@ -30,12 +30,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from isal import isal_zlib  # ISA-L inflate: ~2x zlib's speed, same API and formats
 
 from fmri2text.config import DataConfig
 from fmri2text.data.bids import CIFTI_EXTENSION, window_start
 from fmri2text.errors import UserError
 
-READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile)
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, isal_zlib.error)
 
 
 @dataclass
@@ -111,13 +112,13 @@ def _confounds(bold_path: str, columns: list[str], n_volumes: int) -> np.ndarray
 
 
 def _read_gz_nifti(path: str) -> np.ndarray:
-    """Data of a ``.nii.gz`` in one zlib call (~2x nibabel's streamed gzip reader).
+    """Data of a ``.nii.gz`` in one ISA-L inflate call (~4x nibabel's streamed gzip reader).
 
     Returns the (X, Y, Z, T) array as a Fortran-ordered view of the decompressed buffer
     (scaled by scl_slope/scl_inter when the header sets them).
     """
     comp = Path(path).read_bytes()
-    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header, CRC checked
+    inflater = isal_zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header, CRC checked
     raw = inflater.decompress(comp)
     del comp
     if not inflater.eof:
