@@ -192,13 +192,13 @@ def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
             f"{cfg.max_bad_voxel_fraction}", path=bold_path,
             fix="check the preprocessing of this run, or raise data.max_bad_voxel_fraction")
     good = brain & ~bad
-    if shape is None:
-        index = np.flatnonzero(good)
-    else:  # masks to C order (nilearn's convention); index: file positions of good voxels
-        good, nonfinite, constant = (m.reshape(shape, order="F").ravel() for m in (good, nonfinite, constant))
-        index = np.ravel_multi_index(np.unravel_index(np.flatnonzero(good), shape), shape, order="F")
-    x = np.take(series, index, axis=1).astype(np.float32)  # (T, V_good)
+    index = np.flatnonzero(good)  # file positions of good voxels, ascending: a sequential gather
+    x = np.take(series, index, axis=1).astype(np.float32)  # (T, V_good) in file order
     del series
+    to_c = None
+    if shape is not None:  # masks to C order (nilearn's convention)
+        good, nonfinite, constant = (m.reshape(shape, order="F").ravel() for m in (good, nonfinite, constant))
+        to_c = np.argsort(np.ravel_multi_index(np.unravel_index(index, shape, order="F"), shape))
     design = drift_regressors(n_t, tr, cfg.high_pass)
     conf = _confounds(bold_path, cfg.confounds, n_t)
     if conf is not None:
@@ -218,6 +218,8 @@ def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
     values = x[start[:, None] + np.arange(cfg.window)]  # (n_trials, window, V_good)
     if cfg.aggregate == "mean":
         values = values.mean(axis=1, dtype=np.float64).astype(np.float32)  # (n_trials, V_good)
+    if to_c is not None:  # reorder only the small per-trial output from file to C order
+        values = np.take(values, to_c, axis=-1)
     return _Run(good, values, nonfinite, constant)
 
 
