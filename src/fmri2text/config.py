@@ -9,6 +9,7 @@ The resolved config is written into every run directory (``config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -317,9 +318,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 number = float(value) if tp is float else int(value)
             except ValueError:
                 _bad(value, tp, key, source)
+            if tp is float and not math.isfinite(number):
+                raise UserError(f"config key '{key}' must be a finite number, got {value!r}",
+                                path=source, fix=f"set {key} to a finite number")
             return number
         if not ok:
             _bad(value, tp, key, source)
+        if tp is float and not math.isfinite(value):
+            raise UserError(f"config key '{key}' must be a finite number, got {value!r}",
+                            path=source, fix=f"set {key} to a finite number")
         return tp(value)
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -406,16 +413,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise UserError(f"not valid YAML: {str(err).splitlines()[0]}", path=path,
                             fix="fix the YAML syntax (plain keys and values only)") from None
+        except (UnicodeDecodeError, OSError) as err:
+            raise UserError(f"cannot read the config file: {err}", path=path,
+                            fix="pass a readable UTF-8 YAML text file") from None
         _apply(cfg, data, "", str(path))
+    override_keys = set()
     for text in overrides or []:
         key, value = _parse_override(text)
         _apply(cfg, _nest(key, value), "", "command line")
-    validate(cfg)
+        override_keys.add(key)
+    # an out-of-range value names where it was set: the command line, else the YAML file
+    validate(cfg, source=lambda key: "command line" if key in override_keys or path is None else path)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
+def validate(cfg: Config, source: Any = None) -> None:
+    """Range checks that types alone cannot express.
+
+    ``source(key)``, when given, names where ``key`` was set (a file or 'command line').
+    """
     s = cfg.simulate
     checks = [
         (s.subjects >= 2, "simulate.subjects", s.subjects, "at least 2 (one to train, one held out)"),
@@ -435,7 +451,9 @@ def validate(cfg: Config) -> None:
     ]
     for ok, key, value, allowed in checks:
         if not ok:
-            raise UserError(f"config value {key}={value!r} is out of range", fix=f"{key} must be {allowed}")
+            raise UserError(f"config value {key}={value!r} is out of range",
+                            path=source(key) if source is not None else None,
+                            fix=f"{key} must be {allowed}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,0 +1,261 @@
+"""Teacher pretraining recipe: captioning loss on the simulator's web clips (never the experiment's).
+
+setup   : list ``<bids>/derivatives/simulation/webclips/*.mp4`` + ``captions.json``, split
+          off held-out clips, cache the frozen backbone's features (safetensors), build the
+          teacher (frozen backbone + frozen LLM, trainable Q-Formers / positions / projection)
+train   : AdamW on the answer-token cross-entropy of a random caption given a random
+          instruction, bf16 autocast where the LLM runs in bf16
+save    : ``teacher.safetensors`` (trainable weights, config in the metadata) + ``teacher.json``
+evaluate: Video2Text of held-out clips vs the LLM with no video tokens, both against the
+          true captions -> ``teacher_eval.json`` {"video2text": METRICS, "no_video": METRICS}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fmri2text.config import INSTRUCTIONS, Config, TeacherConfig
+from fmri2text.errors import UserError
+from fmri2text.io import atomic_path, ensure_output_dir, write_json
+from fmri2text.models import llm as llm_mod
+from fmri2text.models.teacher import VideoLLaMATeacher, teacher_from_config
+
+WEBCLIPS = Path("derivatives") / "simulation" / "webclips"
+CHECKPOINT = "teacher.safetensors"
+
+
+@dataclass
+class WebClip:
+    path: Path
+    captions: list[str]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def list_web_clips(bids_root: str | Path) -> list[WebClip]:
+    """The captioned web clips of a simulated dataset, in file-name order."""
+    folder = Path(bids_root) / WEBCLIPS
+    cap_file = folder / "captions.json"
+    if not cap_file.is_file():
+        raise UserError("no web-clip captions for teacher pretraining", path=cap_file,
+                        fix="simulate the dataset with simulate.web_clips > 0 (fmri2text simulate)")
+    try:
+        caps = json.loads(cap_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"captions file is not valid JSON ({err})", path=cap_file,
+                        fix="regenerate it with fmri2text simulate") from None
+    if not isinstance(caps, dict) or not caps:
+        raise UserError("captions file must map clip file names to lists of captions",
+                        path=cap_file, fix='write {"clip.mp4": ["A caption."], …}')
+    clips = []
+    for name in sorted(caps):
+        group = caps[name]
+        group = [group] if isinstance(group, str) else group
+        if not isinstance(group, list) or not group or not all(
+                isinstance(c, str) and c.strip() for c in group):
+            raise UserError(f"clip {name!r} has no usable captions: {caps[name]!r}", path=cap_file,
+                            fix="give every clip a non-empty list of non-empty captions")
+        path = (folder / name).resolve()
+        if folder.resolve() not in path.parents:
+            raise UserError(f"clip path {name!r} leaves the web-clip folder", path=cap_file,
+                            fix="use plain file names relative to the webclips folder")
+        if not path.is_file():
+            raise UserError(f"web clip {name!r} listed in captions.json is missing", path=path,
+                            fix="regenerate the dataset or remove the entry")
+        clips.append(WebClip(path, list(group)))
+    return clips
+
+
+def read_clip_frames(path: Path, n_frames: int, size: int) -> torch.Tensor:
+    """``n_frames`` evenly spaced frames of an mp4 as (F, 3, size, size) floats in [0, 1].
+
+    Decoding, sampling and the fewer-frames-than-requested error are the data package's
+    (:func:`fmri2text.data.video.read_frames`); the backbone normalises, so none here.
+    """
+    from fmri2text.data.video import read_frames
+
+    return read_frames(path, n_frames, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def _file_key(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def cached_features(teacher: VideoLLaMATeacher, clips: list[WebClip], tcfg: TeacherConfig,
+                    cache: Path, log: Callable = print) -> torch.Tensor:
+    """Frozen backbone features of every clip, (N, F, P, C) bf16, cached as safetensors.
+
+    The cache file is keyed by backbone, image size, frame count and every clip's bytes;
+    a corrupt cache file is reported (with its path), never silently overwritten.
+    """
+    h = hashlib.sha256(f"{tcfg.vision}|{tcfg.image_size}|{tcfg.n_frames}".encode())
+    for c in clips:
+        h.update(_file_key(c.path).encode())
+    path = cache / f"webclip-features-{h.hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        try:
+            feats = load_file(str(path))["features"]
+        except (SafetensorError, KeyError, OSError) as err:
+            raise UserError(f"cached feature file is corrupt ({err})", path=path,
+                            fix="delete this file; it is rebuilt on the next run") from None
+        if feats.shape[:2] != (len(clips), tcfg.n_frames):
+            raise UserError(f"cached feature file has shape {tuple(feats.shape)}, expected "
+                            f"({len(clips)}, {tcfg.n_frames}, …)", path=path,
+                            fix="delete this file; it is rebuilt on the next run")
+        return feats
+    t0 = time.perf_counter()
+    out = []
+    for i in range(0, len(clips), 8):
+        frames = torch.stack([read_clip_frames(c.path, tcfg.n_frames, tcfg.image_size)
+                              for c in clips[i:i + 8]])
+        out.append(teacher.frame_features(frames).to(torch.bfloat16))  # (b, F, P, C)
+    feats = torch.cat(out)
+    with atomic_path(path) as tmp:
+        save_file({"features": feats.contiguous()}, str(tmp))
+    log(f"cached backbone features {tuple(feats.shape)} of {len(clips)} clips in "
+        f"{time.perf_counter() - t0:.1f} s -> {path}")
+    return feats
+
+
+def split_clips(n: int, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (train, held-out) clip indices; at least one of each when n >= 2."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = min(max(1, int(round(n * heldout_fraction))), n - 1)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def train_steps(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[list[str]],
+                tcfg: TeacherConfig, log: Callable = print) -> dict:
+    """AdamW on the captioning loss; returns timing and the loss curve."""
+    rng = random.Random(tcfg.seed)
+    torch.manual_seed(tcfg.seed)
+    params = teacher.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=max(tcfg.steps, 1),
+                                                pct_start=0.1)
+    amp = teacher.llm.dtype == torch.bfloat16  # Q-Formers follow the LLM's dtype choice
+    teacher.train()
+    losses, t0 = [], time.perf_counter()
+    for step in range(tcfg.steps):
+        idx = [rng.randrange(len(captions)) for _ in range(tcfg.batch_size)]
+        answers = [rng.choice(captions[i]) for i in idx]
+        instructions = [rng.choice(INSTRUCTIONS) for _ in idx]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = teacher.loss_from_features(feats[idx], instructions, answers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0 or step == tcfg.steps - 1:
+            log(f"teacher step {step + 1}/{tcfg.steps} loss {losses[-1]:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    teacher.eval()
+    return {"steps": tcfg.steps, "seconds": time.perf_counter() - t0, "losses": losses}
+
+
+def evaluate(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[list[str]],
+             cfg: Config) -> dict:
+    """Video2Text vs the no-video LLM on held-out clips, both scored against true captions."""
+    from fmri2text.evaluation.metrics import TextScorer
+
+    tcfg = cfg.teacher
+    instr = [cfg.evaluation.instruction] * len(captions)
+    gen = dict(max_new_tokens=tcfg.max_new_tokens, greedy=tcfg.greedy, seed=tcfg.seed)
+    t0 = time.perf_counter()
+    video2text = teacher.answer_from_features(feats, instr, **gen)
+    gen_s = time.perf_counter() - t0
+    prior = llm_mod.generate(teacher.llm, teacher.tokenizer, None, instr[:1],
+                             system=teacher.system, **gen)[0]  # same prompt for every clip
+    scorer = TextScorer(cfg.evaluation)
+    return {"video2text": scorer.score(video2text, captions),
+            "no_video": scorer.score([prior] * len(captions), captions),
+            "scorer": scorer.identity(), "n_clips": len(captions),
+            "instruction": cfg.evaluation.instruction, "generate_seconds": gen_s,
+            "examples": [{"video2text": v, "truth": c[0]} for v, c in zip(video2text[:8], captions)],
+            "no_video_answer": prior}
+
+
+def save_checkpoint(teacher: VideoLLaMATeacher, out_dir: Path, tcfg: TeacherConfig) -> Path:
+    """Write the trainable weights (config in the safetensors metadata) atomically."""
+    path = out_dir / CHECKPOINT
+    with atomic_path(path) as tmp:
+        save_file(teacher.trainable_state_dict(), str(tmp),
+                  metadata={"teacher_config": json.dumps(dataclasses.asdict(tcfg))})
+    return path
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """Short SHA-256 of a teacher checkpoint (keys annotations to the teacher that made them)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_teacher(path: str | Path, tcfg: TeacherConfig, *, llm=None, tokenizer=None) -> VideoLLaMATeacher:
+    """Build the configured teacher and load a checkpoint; mismatches are user errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("teacher checkpoint not found", path=path,
+                        fix="train one with fmri2text teacher fit")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"teacher checkpoint is not a readable safetensors file ({err})", path=path,
+                        fix="retrain it with fmri2text teacher fit") from None
+    teacher = teacher_from_config(tcfg, llm=llm, tokenizer=tokenizer)
+    teacher.load_trainable_state_dict(state, source=str(path))
+    return teacher.eval()
+
+
+def fit_teacher(bids_root: str | Path, out_dir: str | Path, cfg: Config,
+                log: Callable = print) -> dict:
+    """Pretrain the teacher on web clips; write checkpoint, ``teacher.json``, ``teacher_eval.json``.
+
+    Returns the ``teacher.json`` record (paths, timings, eval summary).
+    """
+    tcfg = cfg.teacher
+    out_dir = ensure_output_dir(out_dir, what="teacher folder")
+    clips = list_web_clips(bids_root)
+    if len(clips) < 2:
+        raise UserError(f"only {len(clips)} web clip(s): need at least 2 (train + held out)",
+                        path=Path(bids_root) / WEBCLIPS, fix="simulate more web clips")
+    train_idx, test_idx = split_clips(len(clips), tcfg.heldout_fraction, tcfg.seed)
+    t0 = time.perf_counter()
+    teacher = teacher_from_config(tcfg)
+    load_s = time.perf_counter() - t0
+    feats = cached_features(teacher, clips, tcfg, llm_mod.cache_dir() / "features", log)
+    caps = [c.captions for c in clips]
+    fit = train_steps(teacher, feats[train_idx], [caps[i] for i in train_idx], tcfg, log)
+    ckpt = save_checkpoint(teacher, out_dir, tcfg)
+    ev = evaluate(teacher, feats[test_idx], [caps[i] for i in test_idx], cfg)
+    write_json(out_dir / "teacher_eval.json", ev)
+    record = {"checkpoint": ckpt.name, "checkpoint_hash": checkpoint_hash(ckpt),
+              "n_train_clips": len(train_idx), "n_heldout_clips": len(test_idx),
+              "heldout_clips": [clips[i].path.name for i in test_idx],
+              "load_seconds": load_s, "train_seconds": fit["seconds"],
+              "seconds_per_step": fit["seconds"] / max(fit["steps"], 1),
+              "final_loss": float(np.mean(fit["losses"][-10:])) if fit["losses"] else None,
+              "losses": fit["losses"], "config": dataclasses.asdict(tcfg),
+              "eval": {k: ev[k] for k in ("video2text", "no_video")}}
+    write_json(out_dir / "teacher.json", record)
+    log(f"teacher: video2text BERTScore-F1 {ev['video2text'].get('bertscore_f1', float('nan')):.1f} "
+        f"BLEU-1 {ev['video2text'].get('bleu1', float('nan')):.1f} vs no-video "
+        f"{ev['no_video'].get('bertscore_f1', float('nan')):.1f} / "
+        f"{ev['no_video'].get('bleu1', float('nan')):.1f}")
+    return record

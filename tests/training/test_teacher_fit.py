@@ -1,0 +1,127 @@
+"""Teacher pretraining pieces and annotation on tiny random parts and a few rendered web clips."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmri2text.config import INSTRUCTIONS, TeacherConfig
+from fmri2text.errors import UserError
+from fmri2text.models import zoo
+from fmri2text.models.teacher import build_teacher
+from fmri2text.training import annotate as ann
+from fmri2text.training import teacher as tt
+
+
+def _write_mp4(path, n_frames, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(n_frames):
+            img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture()
+def bids(tmp_path):
+    folder = tmp_path / "bids" / tt.WEBCLIPS
+    folder.mkdir(parents=True)
+    caps = {}
+    for i in range(4):
+        _write_mp4(folder / f"w{i}.mp4", 6 if i < 3 else 2, seed=i)
+        caps[f"w{i}.mp4"] = ["a red ball is bouncing .", "the red ball is bouncing ."]
+    (folder / "captions.json").write_text(json.dumps(caps))
+    return tmp_path / "bids"
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    llm, tok = zoo.tiny_llm(hidden=32, layers=2)
+    return build_teacher(zoo.tiny_vision_backbone(64), llm, tok, zoo.tiny_bert(32, 2),
+                         image_queries=4, video_queries=2, max_frames=8)
+
+
+def test_short_clip_is_a_user_error(bids):
+    clips = tt.list_web_clips(bids)
+    assert len(clips) == 4 and clips[0].captions[0] == "a red ball is bouncing ."
+    x = tt.read_clip_frames(clips[0].path, 4, 48)
+    assert x.shape == (4, 3, 48, 48) and 0 <= x.min() and x.max() <= 1
+    with pytest.raises(UserError, match="fewer than the 4 requested"):
+        tt.read_clip_frames(clips[3].path, 4, 48)
+
+
+def test_bad_captions_are_user_errors(bids):
+    cap = bids / tt.WEBCLIPS / "captions.json"
+    cap.write_text(json.dumps({"w0.mp4": []}))
+    with pytest.raises(UserError, match="no usable captions"):
+        tt.list_web_clips(bids)
+    cap.write_text(json.dumps({"../../x.mp4": ["a"]}))
+    with pytest.raises(UserError, match="leaves the web-clip folder"):
+        tt.list_web_clips(bids)
+
+
+def test_feature_cache_roundtrip_and_corrupt_file(bids, tmp_path, teacher):
+    clips = tt.list_web_clips(bids)[:3]
+    tcfg = TeacherConfig(n_frames=3, image_size=64)
+    feats = tt.cached_features(teacher, clips, tcfg, tmp_path / "cache", log=lambda *a: None)
+    assert feats.shape == (3, 3, 4, 1280)
+    (cached,) = (tmp_path / "cache").glob("*.safetensors")
+    assert torch.equal(tt.cached_features(teacher, clips, tcfg, tmp_path / "cache"), feats)
+    cached.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        tt.cached_features(teacher, clips, tcfg, tmp_path / "cache")
+    assert cached.read_bytes() == b"garbage"  # reported, not overwritten
+
+
+def test_training_lowers_loss_and_checkpoint_roundtrips(tmp_path, teacher):
+    torch.manual_seed(0)
+    feats = torch.randn(6, 2, 4, 1280)
+    caps = [["a red ball is bouncing ."], ["a blue cube is spinning ."]] * 3
+    tcfg = TeacherConfig(steps=30, batch_size=6, lr=3e-3, seed=0)
+    before = {k: v.clone() for k, v in teacher.trainable_state_dict().items()}
+    fit = tt.train_steps(teacher, feats, caps, tcfg, log=lambda *a: None)
+    assert np.mean(fit["losses"][-5:]) < np.mean(fit["losses"][:5]) - 0.005  # tiny random LLM: flat
+    path = tt.save_checkpoint(teacher, tmp_path, tcfg)
+    state = load_file(str(path))
+    assert set(state) == set(before) and not any(k.startswith("llm.") for k in state)
+    assert len(tt.checkpoint_hash(path)) == 16
+    teacher.load_trainable_state_dict(before)  # restore for other tests
+
+
+def test_split_is_disjoint_and_seeded():
+    a, b = tt.split_clips(10, 0.2, seed=1)
+    assert len(b) == 2 and not set(a) & set(b) and set(a) | set(b) == set(range(10))
+    assert [x.tolist() for x in tt.split_clips(10, 0.2, seed=1)] == [a.tolist(), b.tolist()]
+
+
+def test_annotation_is_seeded_stored_and_reused(tmp_path, teacher):
+    clips = [f"clip{i}.mp4" for i in range(5)]
+    frames = {c: torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i))
+              for i, c in enumerate(clips)}
+    calls = []
+
+    def load(c):
+        calls.append(c)
+        return frames[c]
+
+    kw = dict(seed=0, batch_size=2, max_new_tokens=4, log=lambda *a: None)
+    r1 = ann.annotate(teacher.eval(), "abc", clips, load, tmp_path, INSTRUCTIONS, **kw)
+    assert r1["computed"] == 5 and r1["tokens"].shape == (5, 2, 32)
+    assert set(r1["instructions"].values()) <= set(INSTRUCTIONS)
+    assert r1["instructions"] == dict(zip(clips, ann.draw_instructions(clips, INSTRUCTIONS, 0)))
+    calls.clear()
+    r2 = ann.annotate(teacher, "abc", clips[::-1] + ["new.mp4"], lambda c: frames.get(c, frames[clips[0]]),
+                      tmp_path, INSTRUCTIONS, **kw)
+    assert r2["computed"] == 1 and r2["reused"] == 5
+    assert all(r2["answers"][c] == r1["answers"][c] for c in clips)
+    assert torch.equal(r2["tokens"][0], r1["tokens"][4])  # clips[::-1][0] == clips[4]
+    r3 = ann.annotate(teacher, "other-teacher", clips[:1], load, tmp_path, INSTRUCTIONS, **kw)
+    assert r3["computed"] == 1  # another checkpoint hash: not reused
