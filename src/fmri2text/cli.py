@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from fmri2text import __version__
 from fmri2text.errors import UserError
+from fmri2text.io import run_lock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing reaches the network at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -55,13 +56,15 @@ def simulate(
     overrides: Optional[list[str]] = OVERRIDES_ARG,
 ) -> None:
     """Write a simulated video-fMRI BIDS dataset in HAD's layout, with ground truth."""
-    from fmri2text.pipeline import run_simulate
+    from fmri2text.pipeline import run_simulate, simulation_stamp
 
     flags = {"subjects": subjects, "runs": runs, "classes": classes, "seed": seed,
              "resolution": resolution, "cnr_scale": cnr_scale}
     extra = [f"simulate.{k}={v}" for k, v in flags.items() if v is not None]
     cfg = _load(config, (overrides or []) + extra)
-    path = run_simulate(out, cfg, log=console.print)
+    simulation_stamp(out)  # a foreign non-empty folder is refused before the lock touches it
+    with run_lock(out, "simulate"):
+        path = run_simulate(out, cfg, log=console.print)
     console.print(f"dataset written to [bold]{path}[/bold]")
 
 
@@ -90,7 +93,8 @@ def demo(
     from fmri2text.pipeline import run_demo
 
     cfg = _load(config, overrides)
-    result = run_demo(out, cfg, log=console.print)
+    with run_lock(out, "demo"):
+        result = run_demo(out, cfg, log=console.print)
     console.print(result.table)
     console.print(f"metrics: [bold]{result.metrics_path}[/bold]")
     console.print(f"predictions: [bold]{result.predictions_path}[/bold]")
@@ -109,7 +113,11 @@ def report(
     """Write one self-contained HTML report of a run (tables, plots, samples, brain map)."""
     from fmri2text.report.html import build_report
 
-    path = build_report(run, out=out, dataset_root=bids, n_samples=samples)
+    if not run.is_dir():  # checked before the lock, which would create the folder
+        raise UserError("run directory not found", path=run,
+                        fix="pass the folder that `fmri2text demo` (or `run`) wrote")
+    with run_lock(run, "report"):
+        path = build_report(run, out=out, dataset_root=bids, n_samples=samples)
     console.print(f"report: [bold]{path}[/bold]")
 
 
@@ -126,6 +134,15 @@ def show_config(
         console.print("\n".join(valid_keys()), highlight=False)
         return
     console.print(dump_config(_load(config, overrides)), highlight=False, markup=False)
+
+
+def _mount_subcommands() -> None:
+    from fmri2text.training.cli_train import train_app
+
+    app.add_typer(train_app, name="train")
+
+
+_mount_subcommands()
 
 
 @app.callback(invoke_without_command=True)

@@ -1,0 +1,286 @@
+"""Stage I recipe: align the student's fMRI tokens Z with the teacher's video tokens X.
+
+setup           : trial windows (training subjects' ``train`` trials), the teacher's video
+                  tokens of their clips, the student (optionally from ``mbm.safetensors``) with
+                  adaptors; trainable: tokenizer, adaptors, projector (encoder base frozen)
+train           : ``β·CLIP + (1−β)·L2L1`` (``losses.AlignmentLoss``) in the shared loop
+                  (checkpoints, resume, SIGTERM, log.jsonl, TensorBoard, progress)
+save_checkpoint : ``RUN/stage1/student.safetensors`` (full student, its build recipe in the
+                  metadata) and ``RUN/stage1/metrics.json``
+evaluate        : fMRI→video retrieval on the held-out subjects' ``test`` trials (cosine of
+                  pooled Z vs pooled X over all test clips; X of test clips is used only
+                  here), before and after training, with chance levels
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from fmri2text.config import Config, EncoderConfig, dump_config, to_dict
+from fmri2text.data.datasets import (ClipTargets, FmriWindows, ResumableBatchSampler, TrialWindows,
+                                     load_windows, split_rows)
+from fmri2text.errors import UserError
+from fmri2text.io import atomic_path, ensure_output_dir, write_json, write_text
+from fmri2text.losses import AlignmentLoss, alignment_loss_from_config
+from fmri2text.models.brain_encoder import (BrainMAE, EncoderSpec, load_mae, load_state_checked,
+                                            spec_from_config)
+from fmri2text.models.student import Student
+from fmri2text.training import loop
+
+Log = Callable[[str], None]
+STUDENT_FILE = "student.safetensors"
+
+
+# ----------------------------------------------------------------------------- student files
+
+
+def save_student(student: Student, path: Path, *, spec: EncoderSpec, input_shape: tuple[int, ...],
+                 d_llm: int, n_tokens: int, enc: EncoderConfig, extra: dict | None = None) -> None:
+    """Write every student tensor plus what :func:`load_student` needs to rebuild it."""
+    meta = {"format": "fmri2text-student", "input_shape": json.dumps(list(input_shape)),
+            "d_llm": str(d_llm), "n_tokens": str(n_tokens),
+            "spec": json.dumps(dataclasses.asdict(spec)),
+            "encoder": json.dumps(dataclasses.asdict(enc)),
+            "adapted": json.dumps(student.adapted), "extra": json.dumps(extra or {})}
+    tensors = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_student(path: str | Path) -> tuple[Student, dict]:
+    """Rebuild the student written by :func:`save_student`; returns (student, metadata)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("Stage I student not found", path=path,
+                        fix="run fmri2text train stage1 first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "fmri2text-student":
+            raise KeyError("format")
+        enc = EncoderConfig(**json.loads(meta["encoder"]))
+        spec_d = json.loads(meta["spec"])
+        spec_d["tokenizer_channels"] = tuple(spec_d["tokenizer_channels"])
+        input_shape = tuple(json.loads(meta["input_shape"]))
+        d_llm, n_tokens = int(meta["d_llm"]), int(meta["n_tokens"])
+    except (KeyError, ValueError, TypeError, OSError) as err:
+        raise UserError(f"not an fmri2text student file ({err})", path=path,
+                        fix="pass the student.safetensors written by fmri2text train stage1") from None
+    student = Student.from_mae(BrainMAE(EncoderSpec(**spec_d), input_shape), d_llm, n_tokens, enc)
+    student.add_adapters(enc.adapter_rank, enc.adapter_scale)
+    load_state_checked(student, load_file(str(path)), path)
+    info = {"input_shape": input_shape, "d_llm": d_llm, "n_tokens": n_tokens,
+            "extra": json.loads(meta.get("extra", "{}"))}
+    return student, info
+
+
+def mbm_path(run_dir: Path, setting: str) -> Path | None:
+    """The MBM checkpoint to start from: ``auto`` looks in the run directory."""
+    if setting == "":
+        return None
+    if setting != "auto":
+        p = Path(setting)
+        if not p.is_file():
+            raise UserError("MBM checkpoint not found", path=p,
+                            fix="set stage1.mbm_checkpoint to an existing file, auto or ''")
+        return p
+    for p in (run_dir / "mbm" / "mbm.safetensors", run_dir / "mbm.safetensors"):
+        if p.is_file():
+            return p
+    return None
+
+
+def build_student(cfg: Config, input_shape: tuple[int, ...], d_llm: int, n_tokens: int,
+                  mbm: Path | None) -> tuple[Student, EncoderSpec]:
+    """A student with adaptors (and its encoder spec); the encoder from the MBM checkpoint
+    when given."""
+    torch.manual_seed(cfg.stage1.seed)
+    if mbm is not None:
+        mae = load_mae(mbm)
+        if tuple(mae.input_shape) != tuple(input_shape):
+            raise UserError(f"the MBM checkpoint was trained on windows of shape "
+                            f"{tuple(mae.input_shape)}, the data gives {tuple(input_shape)}",
+                            path=mbm, fix="rerun pretrain-mbm on this data, or set "
+                                          "stage1.mbm_checkpoint='' to start from scratch")
+        spec = mae.spec
+        student = Student.from_mae(mae, d_llm, n_tokens, cfg.encoder)
+    else:
+        spec = spec_from_config(cfg.encoder)
+        student = Student.from_mae(BrainMAE(spec, input_shape), d_llm, n_tokens, cfg.encoder)
+    student.add_adapters(cfg.encoder.adapter_rank, cfg.encoder.adapter_scale)
+    return student, spec
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def load_targets(run_dir: Path, folder: str) -> ClipTargets:
+    """The teacher's annotations of the run (``RUN/<folder>``), chosen by the teacher hash."""
+    record = run_dir / "teacher" / "teacher.json"
+    teacher_hash = None
+    if record.is_file():
+        try:
+            teacher_hash = json.loads(record.read_text(encoding="utf-8")).get("checkpoint_hash")
+        except json.JSONDecodeError:
+            teacher_hash = None
+    return ClipTargets.from_store(run_dir / folder, teacher_hash)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def pooled_z(student: Student, data: TrialWindows, batch_size: int = 32,
+             positions: np.ndarray | None = None) -> torch.Tensor:
+    """Pooled, normalised Z (n, d) of dataset ``positions`` (default: all)."""
+    student.eval()
+    pos = np.arange(len(data)) if positions is None else np.asarray(positions)
+    out = [student.embedding(data.fmri(pos[s:s + batch_size]))
+           for s in range(0, len(pos), batch_size)]
+    student.train()
+    return torch.cat(out).float()  # (n, d)
+
+
+def retrieval(student: Student, data: TrialWindows, targets: ClipTargets,
+              batch_size: int = 32) -> dict:
+    """fMRI→video identification among all clips of ``data``: top-1/top-5 and chance.
+
+    Each trial's pooled Z is compared (cosine) with the pooled X of every distinct clip of
+    the set; a hit when its own clip ranks first (top-1) or within the first five.
+    """
+    clips = sorted(set(data.clips))
+    cand = torch.nn.functional.normalize(targets.tokens_of(clips).mean(dim=1), dim=-1)  # (K, d)
+    z = pooled_z(student, data, batch_size)  # (n, d)
+    sims = z @ cand.T  # (n, K)
+    truth = torch.as_tensor([clips.index(c) for c in data.clips])  # (n,)
+    rank = (sims > sims.gather(1, truth[:, None])).sum(dim=1)  # (n,) 0 = best
+    k = len(clips)
+    per_subject = {f"sub-{s}": float((rank[data.subjects == s] == 0).float().mean())
+                   for s in sorted(set(data.subjects))}
+    return {"top1": float((rank == 0).float().mean()), "top5": float((rank < 5).float().mean()),
+            "chance_top1": 1.0 / k, "chance_top5": min(5, k) / k, "n_trials": len(data),
+            "n_candidates": k, "top1_by_subject": per_subject}
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+class AlignModel(nn.Module):
+    """Student + Stage I loss as one module (what DDP wraps): (fmri, X) → loss terms."""
+
+    def __init__(self, student: Student, loss: AlignmentLoss):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+
+    def forward(self, fmri: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fmri (B, T, X, Y, Z); x (B, L, d) → {clip, l2, l1, l2l1, total}."""
+        return self.loss(self.student(fmri), x)
+
+
+def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: bool = False,
+                 log: Log = print, *, targets: ClipTargets | None = None,
+                 windows: FmriWindows | None = None, progress: bool = True) -> dict:
+    """Train Stage I into ``out_dir/stage1``; return the metrics (also in metrics.json).
+
+    Parameters
+    ----------
+    bids : BIDS dataset root (read through :func:`load_windows` unless ``windows`` is given).
+    out_dir : the run directory RUN (teacher annotations in ``RUN/<stage1.annotations>``,
+        optional ``mbm.safetensors``); writes ``RUN/stage1/``.
+    targets : the teacher's video tokens per clip (default: read the annotation store).
+    resume : continue from the latest checkpoint of ``RUN/stage1``.
+    """
+    s1 = cfg.stage1
+    settings = loop.LoopSettings.from_config(s1, "stage1")
+    if s1.batch_size < 2:
+        raise UserError(f"config value stage1.batch_size={s1.batch_size} is out of range",
+                        fix="stage1.batch_size must be at least 2 (CLIP contrasts a batch)")
+    # the data first: a bad dataset is refused before anything is written
+    windows = windows if windows is not None else load_windows(bids, cfg)
+    run_dir = ensure_output_dir(out_dir, what="run directory")
+    stage_dir = ensure_output_dir(run_dir / "stage1", what="Stage I folder")
+    accelerator = loop.make_accelerator()
+    main = accelerator.is_main_process
+    log = log if main else (lambda _: None)
+    mp = loop.resolve_mixed_precision(s1.mixed_precision, "stage1")
+
+    targets = targets if targets is not None else load_targets(run_dir, s1.annotations)
+    train = TrialWindows(windows, split_rows(windows.trials, "train"))
+    test = TrialWindows(windows, split_rows(windows.trials, "test"))
+    x_train = targets.tokens_of(train.clips)  # (n_train, L, d); raises if a clip is missing
+    mbm = mbm_path(run_dir, s1.mbm_checkpoint)
+    student, spec = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, mbm)
+    model = AlignModel(student, alignment_loss_from_config(cfg.loss))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"stage1: {len(train)} train trials, {len(test)} held-out test trials, input "
+        f"{train.input_shape}, L={targets.n_tokens}, d={targets.d_llm}, {n_trainable:,} trainable "
+        f"parameters, MBM init {mbm or 'none'}, {accelerator.num_processes} process(es), "
+        f"mixed precision {mp}")
+    if main:
+        write_text(stage_dir / "config.yaml", dump_config(cfg))
+
+    test_ok = len(test) > 0 and not targets.missing(test.clips)
+    before = retrieval(student, test, targets, s1.eval_batch_size) if (test_ok and main) else None
+    if before:
+        log(f"stage1: untrained retrieval top-1 {before['top1']:.3f} "
+            f"(chance {before['chance_top1']:.3f})")
+
+    optimizer = loop.adamw(model, settings)
+    wrapped = accelerator.prepare_model(model)
+    sampler = ResumableBatchSampler(len(train), s1.batch_size, s1.seed,
+                                    rank=accelerator.process_index,
+                                    world=accelerator.num_processes)
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        idx = sampler.batch(step)
+        fmri = train.fmri(idx).to(accelerator.device)  # (B, T, X, Y, Z)
+        x = x_train[idx].to(accelerator.device)  # (B, L, d)
+        with loop.autocast(accelerator, mp):
+            return wrapped(fmri, x)
+
+    result = loop.train_loop(accelerator=accelerator, module=model, optimizer=optimizer,
+                             settings=settings, step_fn=step_fn, stage_dir=stage_dir,
+                             config=to_dict(cfg), resume=resume, log=log, name="stage1",
+                             progress=progress)
+    metrics = {"stage": "stage1", "completed": result["stopped"] is None,
+               "steps": settings.steps, "steps_done": result["steps_done"],
+               "resumed_from": result["start_step"], "seconds": result["seconds"],
+               "samples_per_second": round((result["steps_done"] - result["start_step"])
+                                           * s1.batch_size * accelerator.num_processes
+                                           / max(result["seconds"], 1e-9), 2),
+               "num_processes": result["num_processes"], "mixed_precision": mp,
+               "weights_synchronised": result["weights_synchronised"],
+               "rank_digests": result["rank_digests"], "mbm_init": str(mbm) if mbm else None,
+               "n_train_trials": len(train), "n_test_trials": len(test),
+               "loss": {k: v for k, v in result["log"][-1].items() if k != "step"}
+               if result["log"] else None,
+               "loss_config": dataclasses.asdict(cfg.loss), "retrieval_before": before}
+    if result["stopped"] is not None:
+        return metrics
+    if main:
+        metrics["retrieval_after"] = retrieval(student, test, targets, s1.eval_batch_size) \
+            if test_ok else None
+        if not test_ok:
+            metrics["note"] = "no held-out test trials with teacher tokens: retrieval not measured"
+        else:
+            log(f"stage1: trained retrieval top-1 {metrics['retrieval_after']['top1']:.3f} "
+                f"(untrained {before['top1']:.3f}, chance {before['chance_top1']:.3f})")
+        save_student(student, stage_dir / STUDENT_FILE, spec=spec, input_shape=train.input_shape,
+                     d_llm=targets.d_llm, n_tokens=targets.n_tokens, enc=cfg.encoder,
+                     extra={"crop": train.crop.to_dict() if train.crop else None,
+                            "grid": list(windows.grid) if windows.grid else None})
+        write_json(stage_dir / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return metrics

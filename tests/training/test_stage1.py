@@ -1,0 +1,139 @@
+"""Stage I recipe: retrieval improves, artifacts, data batching, and exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmri2text.config import load_config
+from fmri2text.data.datasets import (ClipTargets, ResumableBatchSampler, VolumeCrop,
+                                     synthetic_experiment)
+from fmri2text.errors import UserError
+from fmri2text.training.stage1 import load_student, train_stage1
+
+SCRIPT = Path(__file__).with_name("_train_script.py")
+TINY = ["encoder.preset=tiny", "encoder.projector_dim=32", "encoder.projector_heads=2",
+        "stage1.batch_size=8", "stage1.lr=3e-3", "stage1.log_every=5", "stage1.checkpoint_every=20"]
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    return synthetic_experiment(grid=(10, 10, 8))
+
+
+def test_stage1_beats_chance_and_untrained_and_writes_its_files(tmp_path, experiment):
+    windows, targets = experiment
+    cfg = load_config(None, TINY + ["stage1.steps=60"])
+    m = train_stage1(None, tmp_path, cfg, windows=windows, targets=targets, progress=False,
+                     log=lambda s: None)
+    before, after = m["retrieval_before"], m["retrieval_after"]
+    assert after["top1"] > 2 * after["chance_top1"]
+    assert after["top1"] > before["top1"] + 0.2
+    stage = tmp_path / "stage1"
+    rows = [json.loads(line) for line in (stage / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(60))
+    assert {"step", "clip", "l2", "l1", "l2l1", "total", "lr"} <= set(rows[0])
+    assert np.mean([r["total"] for r in rows[-10:]]) < np.mean([r["total"] for r in rows[:10]])
+    assert json.loads((stage / "metrics.json").read_text())["retrieval_after"]["top1"] == after["top1"]
+    assert (stage / "checkpoints").is_dir() and any((stage / "tensorboard").iterdir())
+    student, info = load_student(stage / "student.safetensors")
+    saved = load_file(str(stage / "student.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())
+    assert info["input_shape"] == (2, 8, 8, 6)
+
+
+def test_frozen_encoder_base_does_not_change(tmp_path, experiment):
+    windows, targets = experiment
+    cfg = load_config(None, TINY + ["stage1.steps=3"])
+    train_stage1(None, tmp_path, cfg, windows=windows, targets=targets, progress=False, log=lambda s: None)
+    student, _ = load_student(tmp_path / "stage1" / "student.safetensors")
+    torch.manual_seed(0)  # the same seed rebuilds the same initial encoder base
+    from fmri2text.training.stage1 import build_student
+
+    fresh, _ = build_student(cfg, (2, 8, 8, 6), 32, 4, None)
+    for (name, p), q in zip(student.encoder.named_parameters(), fresh.encoder.parameters()):
+        if not p.requires_grad:
+            assert torch.equal(p, q), name
+    assert any(not torch.equal(a, b) for a, b in zip(student.projector.parameters(),
+                                                     fresh.projector.parameters()))
+
+
+def test_missing_teacher_annotation_is_a_user_error(tmp_path, experiment):
+    windows, targets = experiment
+    partial = ClipTargets(targets.clips[:3], targets.tokens[:3], targets.instructions[:3],
+                          targets.answers[:3])
+    with pytest.raises(UserError, match="no teacher annotation"):
+        train_stage1(None, tmp_path, load_config(None, TINY + ["stage1.steps=2"]),
+                     windows=windows, targets=partial, progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="no teacher annotations found"):
+        ClipTargets.from_store(tmp_path / "nowhere")
+
+
+def test_volume_crop_puts_features_back_in_place():
+    grid = (5, 6, 4)
+    mask = np.zeros(grid, bool)
+    mask[1:4, 2:5, 1:3] = True
+    mask[2, 3, 1] = False
+    crop = VolumeCrop(mask.ravel(), grid)
+    assert crop.shape == (3, 3, 2)
+    values = torch.arange(1, mask.sum() + 1, dtype=torch.float32)[None, None]  # (1, 1, F)
+    vol = crop(values)[0, 0]
+    full = np.zeros(grid, np.float32)
+    full[mask] = values.numpy().ravel()
+    assert np.array_equal(vol.numpy(), full[1:4, 2:5, 1:3])
+
+
+def test_batch_sampler_resumes_and_shards_exactly():
+    one = ResumableBatchSampler(10, 4, seed=3, start=0, stop=7)
+    resumed = ResumableBatchSampler(10, 4, seed=3, start=4, stop=7)
+    assert list(one)[4:] == list(resumed)
+    r0 = ResumableBatchSampler(10, 2, seed=3, rank=0, world=2)
+    r1 = ResumableBatchSampler(10, 2, seed=3, rank=1, world=2)
+    for k in range(5):
+        assert r0.batch(k) + r1.batch(k) == one.batch(k)
+    assert sorted(sum((one.batch(k) for k in range(5)), [])[:10]) == list(range(10))  # an epoch
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STEPS = "40"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    full = tmp_path_factory.mktemp("full")
+    subprocess.run([sys.executable, str(SCRIPT), str(full), STEPS, "8"], check=True, env=ENV,
+                   capture_output=True, timeout=300)
+    return full
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, sig, uninterrupted):
+    env, steps, full = ENV, STEPS, uninterrupted
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(cut), steps, "8"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = cut / "stage1" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.is_dir() and any(p.name.startswith("step-")
+                                                                 for p in ckpts.iterdir())):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=120)
+    assert not (cut / "stage1" / "student.safetensors").exists(), "run finished before the kill"
+    assert rc == (-9 if sig == signal.SIGKILL else 0)
+    subprocess.run([sys.executable, str(SCRIPT), str(cut), steps, "8", "resume"], check=True,
+                   env=env, capture_output=True, timeout=300)
+    a = load_file(str(full / "stage1" / "student.safetensors"))
+    b = load_file(str(cut / "stage1" / "student.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (cut / "stage1" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(int(STEPS)))

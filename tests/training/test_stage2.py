@@ -1,0 +1,80 @@
+"""Stage II recipe on a tiny random LLM: held-out CE falls, DA changes target features, the
+LLM, tokenizer and encoder base stay frozen, DA sees only adapt trials."""
+
+import json
+
+import pytest
+import torch
+
+from fmri2text.config import load_config
+from fmri2text.data.datasets import synthetic_experiment
+from fmri2text.models import zoo
+from fmri2text.training.stage1 import load_student, train_stage1
+from fmri2text.training.stage2 import freeze_for_stage2, train_stage2
+
+CFG = ["encoder.preset=tiny", "encoder.projector_dim=32", "encoder.projector_heads=2",
+       "stage1.steps=30", "stage1.batch_size=8", "stage1.lr=3e-3",
+       "stage2.steps=30", "stage2.batch_size=8", "stage2.lr=3e-3", "stage2.log_every=5",
+       "stage2.compare_da=true"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    windows, targets = synthetic_experiment(grid=(10, 10, 8), d_llm=32)
+    cfg = load_config(None, CFG)
+    train_stage1(None, run, cfg, windows=windows, targets=targets, progress=False, log=lambda s: None)
+    llm, tok = zoo.tiny_llm(hidden=32, layers=2)
+    llm_before = {k: v.clone() for k, v in llm.state_dict().items()}
+    m = train_stage2(None, run, cfg, windows=windows, targets=targets, llm=llm, tokenizer=tok,
+                     progress=False, log=lambda s: None)
+    return run, m, llm, llm_before
+
+
+def test_heldout_ce_falls_and_metrics_are_written(trained):
+    run, m, _, _ = trained
+    w = m["with_da"]
+    assert w["heldout_ce_after"] < w["heldout_ce_before"]
+    assert m["without_da"]["heldout_ce_after"] < m["without_da"]["heldout_ce_before"]
+    saved = json.loads((run / "stage2" / "metrics.json").read_text())
+    assert saved["main"] == "with_da" and "da_effect" in saved
+    rows = [json.loads(x) for x in (run / "stage2" / "log.jsonl").read_text().splitlines()]
+    assert {"ce", "source_ce", "nc", "es", "da", "total", "lr"} <= set(rows[0])
+    assert saved["loss_config"]["dance_tau"] == 0.5  # the temperature used is recorded
+
+
+def test_domain_adaptation_changes_target_features(trained):
+    run, m, _, _ = trained
+    with_da, _ = load_student(run / "stage2" / "student.safetensors")
+    without, _ = load_student(run / "stage2" / "without_da" / "student.safetensors")
+    diff = [not torch.equal(a, b) for a, b in zip(with_da.projector.parameters(),
+                                                 without.projector.parameters())]
+    assert any(diff)
+    eff = m["da_effect"]["adapt"]
+    assert abs(eff["probe_entropy"]) > 1e-3 or abs(eff["a_distance"]) > 1e-3
+
+
+def test_only_the_bridge_trains(trained):
+    run, _, llm, llm_before = trained
+    assert all(torch.equal(v, llm_before[k]) for k, v in llm.state_dict().items())
+    s1, _ = load_student(run / "stage1" / "student.safetensors")
+    s2, _ = load_student(run / "stage2" / "student.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(s1.tokenizer.parameters(), s2.tokenizer.parameters()))
+    base = {n: p for n, p in s1.encoder.named_parameters() if ".adapter." not in f".{n}"}
+    after = dict(s2.encoder.named_parameters())
+    assert all(torch.equal(p, after[n]) for n, p in base.items())
+    freeze_for_stage2(s2)
+    names = {n for n, p in s2.named_parameters() if p.requires_grad}
+    assert names and all(".adapter." in f".{n}" or n.startswith("projector.") for n in names)
+
+
+def test_memory_bank_holds_only_adapt_trials(trained):
+    _, m, _, _ = trained
+    from safetensors.torch import load_file
+
+    run = trained[0]
+    ck = sorted((run / "stage2" / "checkpoints").iterdir())[-1]
+    state = load_file(str(ck / "model.safetensors"))
+    bank = state["loss.dance.memory.features"]
+    # synthetic_experiment: 2 held-out subjects x 8 adapt clips
+    assert bank.shape[0] == 16 and bool(state["loss.dance.memory.filled"].all())
