@@ -41,24 +41,41 @@ def run_simulate(out: Path, cfg: Config, log: Log = _noop, *, reuse: bool = Fals
     out = Path(out)
     section = to_dict(cfg)["simulate"]
     stamp = out / SIM_STAMP
-    if out.exists() and any(out.iterdir()):
-        if reuse and stamp.is_file() and json.loads(stamp.read_text()).get("hash") == config_hash(section):
+    written = simulation_stamp(out)
+    if written is not None:
+        if reuse and written.get("complete", True) and written.get("hash") == config_hash(section):
             log(f"simulate: reusing {out} (same config)")
             return out
-        if not stamp.is_file():
-            raise UserError("the output folder is not empty and was not written by the simulator",
-                            path=out, fix="pass an empty or new folder to --out")
     ensure_output_dir(out)
     from fmri2text.simulate.bids_writer import simulate_dataset
 
     t0 = time.perf_counter()
-    if stamp.exists():
-        stamp.unlink()  # the dataset is being rewritten: it is not complete until the stamp is back
+    # mark the folder as the simulator's, incomplete, before anything else is written: a run
+    # killed midway is then rewritten by the next one instead of refused
+    write_json(stamp, {"hash": config_hash(section), "complete": False})
     simulate_dataset(out, cfg.simulate, progress=log)
-    write_json(stamp, {"hash": config_hash(section), "config": section,
+    write_json(stamp, {"hash": config_hash(section), "complete": True, "config": section,
                        "seconds": round(time.perf_counter() - t0, 2)})
     log(f"simulate: {time.perf_counter() - t0:.1f} s")
     return out
+
+
+def simulation_stamp(out: Path) -> dict | None:
+    """The simulator's stamp of ``out`` ({} when damaged), None for an empty or missing folder.
+
+    Raises :class:`UserError` for a non-empty folder the simulator did not write.
+    """
+    out = Path(out)
+    if not (out.is_dir() and any(p.name != ".lock" for p in out.iterdir())):
+        return None
+    stamp = out / SIM_STAMP
+    if not stamp.is_file():
+        raise UserError("the output folder is not empty and was not written by the simulator",
+                        path=out, fix="pass an empty or new folder to --out")
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged stamp: still the simulator's folder, rewrite it
 
 
 @dataclass

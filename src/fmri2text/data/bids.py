@@ -150,6 +150,11 @@ def _run_tr(path: str, layout, raw_layout, raw_bold: str | None, cfg: DataConfig
     sidecar_tr = layout.get_metadata(path).get("RepetitionTime")
     if sidecar_tr is None and raw_bold is not None:
         sidecar_tr = raw_layout.get_metadata(raw_bold).get("RepetitionTime")
+    if sidecar_tr is not None and (isinstance(sidecar_tr, bool) or not isinstance(sidecar_tr, (int, float))
+                                   or not np.isfinite(sidecar_tr)):
+        raise UserError(f"the JSON sidecar's RepetitionTime is {sidecar_tr!r}, not a number of seconds",
+                        path=path, fix="write RepetitionTime as a positive number (seconds) in the "
+                                       "BOLD JSON sidecar, e.g. \"RepetitionTime\": 2.0")
     if sidecar_tr is not None and header_tr is not None and abs(float(sidecar_tr) - header_tr) > TR_TOLERANCE:
         raise UserError(
             f"TR mismatch: sidecar RepetitionTime {float(sidecar_tr)} s but image header "
@@ -194,7 +199,27 @@ def _pair_runs(events: dict, bolds: dict) -> list[tuple[tuple, str, str]]:
     return pairs
 
 
+def _check_row_lengths(path: str) -> None:
+    """Refuse rows with fewer tab-separated fields than the header (pandas pads them with NaN)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"cannot parse the events file: {err}", path=path,
+                        fix="save the file as UTF-8 text, tab-separated, with a header row") from None
+    lines = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    if not lines:
+        return  # empty: reported by the parser below
+    n_fields = len(lines[0][1].split("\t"))
+    for number, line in lines[1:]:
+        n_row = len(line.split("\t"))
+        if n_row < n_fields:
+            raise UserError(f"line {number} has {n_row} tab-separated fields, the header has "
+                            f"{n_fields}", path=path,
+                            fix="give every row a value for every column (write n/a where missing)")
+
+
 def _read_events(path: str) -> pd.DataFrame:
+    _check_row_lengths(path)
     try:
         df = pd.read_csv(path, sep="\t", na_values=["n/a", ""], keep_default_na=False,
                          dtype={"stim_file": str})
@@ -207,11 +232,16 @@ def _read_events(path: str) -> pd.DataFrame:
                         fix="add onset, duration and stim_file columns (BIDS events)")
     for col in ("onset", "duration"):
         values = pd.to_numeric(df[col], errors="coerce")
+        values[~np.isfinite(values)] = np.nan  # 'inf' is not a time
         bad = df[col][values.isna() & df[col].notna()]
         if len(bad) or values[df["stim_file"].notna()].isna().any():
             raise UserError(f"non-numeric or missing {col} values, e.g. {list(bad[:3]) or 'n/a'}",
                             path=path, fix=f"write {col} in seconds for every stimulus row")
         df[col] = values
+    negative = df.loc[df["duration"] < 0, "duration"]
+    if len(negative):
+        raise UserError(f"negative duration values, e.g. {list(negative[:3])}", path=path,
+                        fix="write each duration as zero or more seconds")
     return df
 
 
@@ -250,6 +280,9 @@ def load_captions(root: Path, cfg: DataConfig) -> dict:
     if not cfg.captions:
         return {}
     path = Path(root) / cfg.captions
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"data.captions={cfg.captions!r} resolves outside the dataset root",
+                        path=path, fix="give data.captions relative to the dataset root, inside it")
     if not path.is_file():
         return {}
     try:
@@ -280,7 +313,12 @@ def _captions_of(stim_file: str, captions: dict, field: str, path: Path) -> list
             if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
                 raise UserError(f"captions of {key!r} must be a list of strings, got {value!r}",
                                 path=path, fix="write each entry as [\"caption\", ...]")
-            return [c for c in value if c.strip()]
+            kept = [c for c in value if c.strip()]
+            if not kept:
+                raise UserError(f"captions of {key!r} are empty ({value!r})", path=path,
+                                fix="write at least one non-blank caption for the clip, or remove "
+                                    "its entry (check data.caption_field for dict entries)")
+            return kept
     return []
 
 
@@ -361,11 +399,13 @@ def _run_table(key, events_path, bold_path, root, cfg, captions, caption_path, t
     for col in df.columns:  # keep the dataset's own columns (trial_type, response, ...)
         if col not in table.columns:
             table[col] = df[col].to_numpy()
-    last = window_start(onsets, tr, cfg.hrf_delay) + cfg.window - 1
-    if (last >= n_volumes).any() or (window_start(onsets, tr, cfg.hrf_delay) < 0).any():
-        i = int(np.argmax(last))
+    first = window_start(onsets, tr, cfg.hrf_delay)
+    last = first + cfg.window - 1
+    out_of_run = (last >= n_volumes) | (first < 0)
+    if out_of_run.any():
+        i = int(np.argmax(out_of_run))  # the first trial outside the run
         raise UserError(
-            f"trial at onset {onsets[i]:.2f} s (absolute) needs volumes up to {int(last[i])} "
+            f"trial at onset {onsets[i]:.2f} s (absolute) needs volumes {int(first[i])}..{int(last[i])} "
             f"(HRF delay {cfg.hrf_delay} s, window {cfg.window}, TR {tr} s) but the run has "
             f"{n_volumes} volumes ({bold_path})", path=events_path,
             fix="check the onsets and data.onset_offset, or lower data.hrf_delay / data.window")
@@ -410,7 +450,15 @@ def load_trials(root: Path, cfg: DataConfig) -> pd.DataFrame:
     captions = load_captions(root, cfg)
     caption_path = root / cfg.captions
     tables = []
+    real_root = root.resolve()
     for key, events_path, bold_path in _pair_runs(events, bolds):
+        for path in (events_path, bold_path):
+            if not Path(path).resolve().is_relative_to(real_root):
+                raise UserError(
+                    f"file resolves outside the dataset root {real_root} "
+                    f"(to {Path(path).resolve()})", path=path,
+                    fix="keep the dataset's files inside its root: copy them in instead of "
+                        "linking out of the dataset")
         tr, n_volumes = _run_tr(bold_path, layout, raw, raw_bolds.get(key), cfg)
         tables.append(_run_table(key, events_path, bold_path, root, cfg, captions, caption_path,
                                  tr, n_volumes))
