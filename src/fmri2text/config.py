@@ -55,6 +55,8 @@ class DataConfig:
     hrf_delay: float = 4.0  # seconds after onset where the response window starts
     window: int = 2  # volumes per trial window (T)
     aggregate: str = "mean"  # mean: (n_trials, n_features) | stack: (n_trials, window, n_features)
+    response: str = "window"  # window (mean/stack of volumes) | lsa | lss (single-trial betas, data/betas.py)
+    hrf_model: str = "glover"  # HRF of lsa/lss trial regressors: glover | spm (nilearn)
     high_pass: float = 0.01  # Hz, cosine drift regressors
     standardize: bool = True  # z-score each voxel within its run
     captions: str = "derivatives/simulation/captions.json"  # relative to the dataset root
@@ -179,6 +181,11 @@ class TeacherConfig:
     queries on EVA ViT-g at 224 px with LLaMA-2-7B (set llm to a local folder).
     """
 
+    preset: str = "embedded"  # embedded | videollama2-7b (fields left at their default take the preset's)
+    blip2_checkpoint: str = ""  # HF BLIP-2 folder/.safetensors: EVA ViT-g + image Q-Former (videollama2-7b)
+    videollama_checkpoint: str = ""  # Video-LLaMA-2 VL branch .pth/.safetensors (videollama2-7b)
+    qformer_hidden: int = 0  # Q-Former width when bert='none' (0: 64; BLIP-2: 768)
+    qformer_heads: int = 0  # Q-Former heads when bert='none' (0: 4; BLIP-2: 12)
     llm: str = "smollm2"  # 'smollm2' (embedded) or a local transformers folder
     llm_dtype: str = "auto"  # auto (bf16 only where native: GPU/AVX-512) | bfloat16 | float32
     vision: str = "efficientnet-lite0"
@@ -245,6 +252,16 @@ class Stage2Config:
 
 
 @dataclass
+class PipelineConfig:
+    """``fmri2text run`` / ``decode``: where the teacher comes from, and decoding settings."""
+
+    teacher_checkpoint: str = ""  # a trained teacher.safetensors; '' fits one on the web clips
+    decode_batch_size: int = 16  # test trials per batched generation
+    decode_max_new_tokens: int = 24  # answer length cap of fMRI2Text (and the controls)
+    decode_greedy: bool = True  # greedy decoding; else sampling seeded by evaluation.seed
+
+
+@dataclass
 class Config:
     """Every setting of a run."""
 
@@ -260,6 +277,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -61,9 +61,11 @@ def load_windows(bids: str | Path, cfg: Config) -> FmriWindows:
 
     trials = assign_splits(load_trials(Path(bids), cfg.data), cfg.split)
     check_leakage(trials)
-    responses = extract_responses(trials, dataclasses.replace(cfg.data, aggregate="stack"))
+    # volume windows for the 3D tokenizer; single-trial betas have no window axis
+    aggregate = "stack" if cfg.data.response == "window" else "mean"
+    responses = extract_responses(trials, dataclasses.replace(cfg.data, aggregate=aggregate))
     data = responses.data
-    if data.ndim == 2:  # (n, F): a window of one volume
+    if data.ndim == 2:  # (n, F): betas, seen as a window of one volume
         data = data[:, None, :]
     grid = None if responses.mask_img is None else tuple(int(s) for s in responses.mask_img.shape[:3])
     return FmriWindows(trials.reset_index(drop=True), np.ascontiguousarray(data, dtype=np.float32),

@@ -10,7 +10,8 @@ Per run (NIfTI volume or CIFTI dtseries):
 4. z-score each voxel within the run (``cfg.standardize``);
 5. per trial, the mean of ``cfg.window`` volumes starting at the volume nearest to
    onset + ``cfg.hrf_delay`` (rounded to the nearest TR, not interpolated; see
-   :func:`fmri2text.data.bids.window_start`).
+   :func:`fmri2text.data.bids.window_start`); or, with ``cfg.response`` = ``lsa``/``lss``,
+   single-trial GLM betas (:mod:`fmri2text.data.betas`).
 
 The features kept are the voxels good in every run (a common mask across subjects and
 runs, so all runs must share one grid: MNI space or fsLR grayordinates). Feature order is
@@ -33,6 +34,7 @@ import pandas as pd
 from isal import isal_zlib  # ISA-L inflate: ~2x zlib's speed, same API and formats
 
 from fmri2text.config import DataConfig
+from fmri2text.data.betas import check_response, single_trial_betas
 from fmri2text.data.bids import CIFTI_EXTENSION, window_start
 from fmri2text.errors import UserError
 
@@ -164,8 +166,8 @@ def _read_series(path: str) -> tuple[np.ndarray, tuple | None]:
 
 
 def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
-                 events_path: str | None = None) -> _Run:
-    """Mask statistics, drift removal, z-scoring and trial windows of one run."""
+                 events_path: str | None = None, durations: np.ndarray | None = None) -> _Run:
+    """Mask statistics, drift removal, z-scoring and trial windows (or betas) of one run."""
     series, shape = _read_series(bold_path)  # (T, V) in file order
     n_t = series.shape[0]
     if np.issubdtype(series.dtype, np.floating):
@@ -208,6 +210,12 @@ def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
     if cfg.standardize:
         std = x.std(axis=0, ddof=1)
         x /= np.where(std > 1e-8, std, 1.0)
+    if cfg.response != "window":  # single-trial betas replace the window mean
+        dur = np.zeros_like(onsets) if durations is None else durations
+        values = single_trial_betas(x, onsets, dur, tr, q, cfg.response, cfg.hrf_model,
+                                    events_path or bold_path)  # (n_trials, V_good)
+        return _Run(good, values if to_c is None else np.take(values, to_c, axis=-1),
+                    nonfinite, constant)
     start = window_start(onsets, tr, cfg.hrf_delay)  # (n_trials,)
     if start.min() < 0 or start.max() + cfg.window > n_t:
         i = int(np.argmax(start))
@@ -253,7 +261,8 @@ def extract_responses(trials: pd.DataFrame, cfg: DataConfig) -> Responses:
     trials:
         The trial table of :func:`fmri2text.data.bids.load_trials` (any row subset/order).
     cfg:
-        hrf_delay, window, high_pass, standardize, confounds, max_bad_voxel_fraction, workers.
+        hrf_delay, window, high_pass, standardize, confounds, max_bad_voxel_fraction, workers,
+        response (window | lsa | lss; betas use the ``duration`` column) and hrf_model.
 
     Returns
     -------
@@ -265,6 +274,7 @@ def extract_responses(trials: pd.DataFrame, cfg: DataConfig) -> Responses:
     if missing or trials.empty:
         raise UserError(f"trial table lacks columns {missing} or has no rows",
                         fix="build it with fmri2text.data.bids.load_trials")
+    check_response(cfg.response, cfg.aggregate, cfg.hrf_model)
     shape, affine, cifti = _grid(trials)
     runs = list(trials.groupby("bold_path", sort=False).indices.items())  # (path, row positions)
 
@@ -272,8 +282,9 @@ def extract_responses(trials: pd.DataFrame, cfg: DataConfig) -> Responses:
         path, rows = item
         sub = trials.iloc[rows]
         events = str(sub["events_path"].iat[0]) if "events_path" in sub.columns else None
+        durations = sub["duration"].to_numpy(np.float64) if "duration" in sub.columns else None
         return _process_run(path, sub["onset"].to_numpy(np.float64), float(sub["tr"].iat[0]), cfg,
-                            events)
+                            events, durations)
 
     workers = cfg.workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(runs)))) as pool:
