@@ -125,3 +125,51 @@ def test_annotation_is_seeded_stored_and_reused(tmp_path, teacher):
     assert torch.equal(r2["tokens"][0], r1["tokens"][4])  # clips[::-1][0] == clips[4]
     r3 = ann.annotate(teacher, "other-teacher", clips[:1], load, tmp_path, INSTRUCTIONS, **kw)
     assert r3["computed"] == 1  # another checkpoint hash: not reused
+
+
+def _trials(stim_path, stim_file="stimuli/s1.mp4", group="g1"):
+    import pandas as pd
+
+    return pd.DataFrame({"stim_file": [stim_file, "stimuli/s2.mp4"], "group": [group, "g2"],
+                         "split": ["test", "train"], "stim_path": [str(stim_path), "absent"]})
+
+
+def test_web_clip_leakage_guard(bids, tmp_path):
+    from fmri2text.config import Config
+
+    clips = tt.list_web_clips(bids)
+    other = tmp_path / "s1.mp4"
+    _write_mp4(other, 6, seed=99)  # a different clip: no leak
+    tt.check_web_clip_leakage(clips, _trials(other))
+    copy = tmp_path / "renamed-test-clip.mp4"
+    copy.write_bytes(clips[1].path.read_bytes())  # same content under another name
+    with pytest.raises(UserError, match="same content as test clip") as err:
+        tt.check_web_clip_leakage(clips, _trials(copy, "stimuli/renamed-test-clip.mp4"))
+    assert "w1.mp4" in str(err.value)
+    with pytest.raises(UserError, match="has the id of a test clip"):
+        tt.check_web_clip_leakage(clips, _trials(other, "stimuli/w2.mp4"))
+    with pytest.raises(UserError, match="test stimulus group 'w3'"):
+        tt.check_web_clip_leakage(clips, _trials(other, group="w3"))
+    # group pattern applied to web-clip names (HAD: the YouTube id)
+    named = [tt.WebClip(tmp_path / "v_x_id_abcdefghijk_start_3_label_1.mp4", ["a"])]
+    pattern = r"_id_(?P<group>[A-Za-z0-9_-]{11})_start_"
+    with pytest.raises(UserError, match="group 'abcdefghijk'"):
+        tt.check_web_clip_leakage(named, _trials(other, group="abcdefghijk"), pattern)
+    # fit_teacher refuses before building anything; no teacher folder is created
+    out = tmp_path / "teacher"
+    with pytest.raises(UserError, match="leakage"):
+        tt.fit_teacher(bids, out, Config(), log=lambda *a: None,
+                       experiment_trials=_trials(copy, "stimuli/renamed-test-clip.mp4"))
+    assert not out.exists()
+
+
+def test_copy_teacher_eval(tmp_path):
+    teacher_dir, run = tmp_path / "teacher", tmp_path / "run"
+    with pytest.raises(UserError, match="teacher_eval.json is missing"):
+        tt.copy_teacher_eval(teacher_dir, run)
+    teacher_dir.mkdir()
+    record = {"video2text": {"bleu1": 40.0}, "no_video": {"bleu1": 10.0}}
+    (teacher_dir / "teacher_eval.json").write_text(json.dumps(record))
+    dst = tt.copy_teacher_eval(teacher_dir, run)
+    assert dst == run / "teacher_eval.json" and json.loads(dst.read_text()) == record
+    assert tt.copy_teacher_eval(teacher_dir, teacher_dir) == teacher_dir / "teacher_eval.json"

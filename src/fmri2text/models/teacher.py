@@ -19,6 +19,8 @@ The Q-Former layers are BERT layers with an added cross-attention, named as in H
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -337,20 +339,89 @@ def n_params(module: nn.Module, trainable: bool | None = None) -> int:
                if trainable is None or p.requires_grad == trainable)
 
 
+#: Named real-size teachers: field values applied over fields left at their default.
+PRESETS: dict[str, dict] = {
+    "embedded": {},
+    # Video-LLaMA-2 (7B): EVA ViT-g + BLIP-2 image Q-Former (12 layers, cross-attention every
+    # 2nd, 32 queries) -> 2-layer video Q-Former (32 queries) -> llama_proj -> LLaMA-2-7B-chat.
+    "videollama2-7b": dict(vision="eva-vit-g", image_size=224, n_frames=8, bert="none",
+                           qformer_hidden=768, qformer_heads=12, image_queries=32, image_layers=12,
+                           video_queries=32, video_layers=2, max_frames=32,
+                           cross_attention_frequency=2, token_norm=False, system_prompt=""),
+}
+VISION_EVA = "eva-vit-g"
+
+
+def resolve_preset(tcfg):
+    """A copy of ``tcfg`` (config.TeacherConfig) with its preset applied.
+
+    Every field the preset names and that still holds the dataclass default takes the
+    preset's value; fields set to anything else keep the user's value.
+    """
+    import dataclasses
+
+    if tcfg.preset not in PRESETS:
+        raise UserError(f"unknown teacher preset teacher.preset={tcfg.preset!r}",
+                        fix=f"use one of {', '.join(PRESETS)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(type(tcfg))}
+    values = {k: v for k, v in PRESETS[tcfg.preset].items() if getattr(tcfg, k) == defaults[k]}
+    return dataclasses.replace(tcfg, **values)
+
+
+def check_weight_files(tcfg) -> None:
+    """Refuse (UserError naming the file) a configured weight file that is not on disk.
+
+    Run before anything heavy loads; ``tcfg`` must be preset-resolved.
+    """
+    def need(value: str, key: str, what: str, marker: str | None = None) -> None:
+        path = Path(value).expanduser()
+        if not value:
+            raise UserError(f"teacher.preset={tcfg.preset} needs {what}", fix=f"set {key}=/path/to/it")
+        if not path.exists() or (marker and path.is_dir() and not (path / marker).is_file()):
+            missing = path / marker if marker and path.is_dir() else path
+            raise UserError(f"{what} not found", path=missing,
+                            fix=f"download it and set {key} to its path")
+
+    real = tcfg.preset != "embedded"
+    if real and tcfg.llm == "smollm2":
+        raise UserError(f"teacher.preset={tcfg.preset} needs a local LLaMA-2-7B-chat / Vicuna folder",
+                        fix="set teacher.llm=/path/to/Llama-2-7b-chat-hf (config.json, weights, tokenizer)")
+    if tcfg.llm != "smollm2":
+        need(tcfg.llm, "teacher.llm", "the LLM folder", "config.json")
+    if real or tcfg.vision == VISION_EVA or tcfg.blip2_checkpoint:
+        need(tcfg.blip2_checkpoint, "teacher.blip2_checkpoint", "the BLIP-2 checkpoint (EVA ViT-g + Q-Former)")
+    if real or tcfg.videollama_checkpoint:
+        need(tcfg.videollama_checkpoint, "teacher.videollama_checkpoint",
+             "the Video-LLaMA-2 vision-language checkpoint")
+
+
 def teacher_from_config(tcfg, *, llm=None, tokenizer=None) -> VideoLLaMATeacher:
     """Build the configured teacher from the offline zoo (``tcfg``: config.TeacherConfig).
 
-    ``llm``/``tokenizer`` may be passed to share an already loaded LLM.
+    ``llm``/``tokenizer`` may be passed to share an already loaded LLM. The preset is
+    applied first; configured BLIP-2 / Video-LLaMA checkpoints are imported (explicit key
+    maps, :mod:`fmri2text.models.import_blip2`) after the teacher is assembled.
     """
-    from fmri2text.models import zoo
+    from fmri2text.models import import_blip2, zoo
 
+    tcfg = resolve_preset(tcfg)
+    check_weight_files(tcfg)
     if llm is None:
         llm, tokenizer = llm_mod.load_llm(tcfg.llm, tcfg.llm_dtype)
-    backbone = zoo.load_vision_backbone(tcfg.vision, tcfg.image_size)
+    if tcfg.vision == VISION_EVA:
+        backbone = import_blip2.build_blip2_vision(tcfg.blip2_checkpoint, tcfg.image_size)
+    else:
+        backbone = zoo.load_vision_backbone(tcfg.vision, tcfg.image_size)
     bert = None if tcfg.bert == "none" else zoo.load_bert(tcfg.bert)
-    return build_teacher(backbone, llm, tokenizer, bert, image_queries=tcfg.image_queries,
-                         image_layers=tcfg.image_layers, video_queries=tcfg.video_queries,
-                         video_layers=tcfg.video_layers, max_frames=tcfg.max_frames,
-                         cross_attention_frequency=tcfg.cross_attention_frequency,
-                         token_norm=tcfg.token_norm, system=tcfg.system_prompt or None,
-                         seed=tcfg.seed)
+    teacher = build_teacher(backbone, llm, tokenizer, bert, image_queries=tcfg.image_queries,
+                            image_layers=tcfg.image_layers, video_queries=tcfg.video_queries,
+                            video_layers=tcfg.video_layers, max_frames=tcfg.max_frames,
+                            cross_attention_frequency=tcfg.cross_attention_frequency,
+                            token_norm=tcfg.token_norm, system=tcfg.system_prompt or None,
+                            hidden=tcfg.qformer_hidden or None, heads=tcfg.qformer_heads or None,
+                            seed=tcfg.seed)
+    if tcfg.blip2_checkpoint:
+        import_blip2.import_blip2(tcfg.blip2_checkpoint, teacher)
+    if tcfg.videollama_checkpoint:
+        import_blip2.import_videollama(tcfg.videollama_checkpoint, teacher)
+    return teacher

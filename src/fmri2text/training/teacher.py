@@ -16,10 +16,12 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -30,7 +32,10 @@ from fmri2text.config import INSTRUCTIONS, Config, TeacherConfig
 from fmri2text.errors import UserError
 from fmri2text.io import atomic_path, ensure_output_dir, write_json
 from fmri2text.models import llm as llm_mod
-from fmri2text.models.teacher import VideoLLaMATeacher, teacher_from_config
+from fmri2text.models.teacher import VideoLLaMATeacher, resolve_preset, teacher_from_config
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 WEBCLIPS = Path("derivatives") / "simulation" / "webclips"
 CHECKPOINT = "teacher.safetensors"
@@ -223,15 +228,84 @@ def load_teacher(path: str | Path, tcfg: TeacherConfig, *, llm=None, tokenizer=N
     return teacher.eval()
 
 
+def check_web_clip_leakage(clips: list[WebClip], trials: "pd.DataFrame",
+                           group_pattern: str = "") -> None:
+    """Refuse web clips that are, or share a group or the file content with, a test clip.
+
+    Parameters
+    ----------
+    clips : the web clips about to be trained on.
+    trials : the experiment's split trial table (``stim_file``, ``group``, ``split`` and,
+        for the content check, ``stim_path``).
+    group_pattern : the dataset's group regex (``data.group_pattern``) applied to web-clip
+        names; a clip it does not match is its own group (its file stem).
+    """
+    test = trials[trials["split"] == "test"]
+    if test.empty:
+        return
+    fix = ("teacher pretraining must never see a test clip: remove it from the web clips "
+           "(and captions.json), or change split.heldout / split.seed")
+    stims = test["stim_file"].astype(str)
+    ids = {Path(s).name for s in stims} | {Path(s).stem for s in stims}
+    groups = set(test["group"].astype(str))
+    group_re = re.compile(group_pattern) if group_pattern else None
+    for c in clips:
+        m = group_re.search(c.path.name) if group_re else None
+        group = (m.groupdict().get("group") or m.group(0)) if m else c.path.stem
+        if c.path.name in ids or c.path.stem in ids:
+            raise UserError(f"leakage: web clip {c.path.name!r} has the id of a test clip",
+                            path=c.path, fix=fix)
+        if group in groups:
+            raise UserError(f"leakage: web clip {c.path.name!r} belongs to test stimulus group "
+                            f"{group!r}", path=c.path, fix=fix)
+    if "stim_path" not in test.columns:
+        return
+    # content: hash only files whose size equals a web clip's (a copy has the same size)
+    sizes = {c.path.stat().st_size: [] for c in clips}
+    for c in clips:
+        sizes[c.path.stat().st_size].append(c)
+    test_hashes: dict[str, str] = {}
+    for sp in sorted(set(test["stim_path"].astype(str))):
+        path = Path(sp)
+        if path.is_file() and path.stat().st_size in sizes:
+            test_hashes[llm_mod.file_digest(path)] = sp
+    for c in (c for group in sizes.values() for c in group):
+        if test_hashes and (digest := llm_mod.file_digest(c.path)) in test_hashes:
+            raise UserError(f"leakage: web clip {c.path.name!r} has the same content as test clip "
+                            f"{test_hashes[digest]!r}", path=c.path, fix=fix)
+
+
+def copy_teacher_eval(teacher_dir: str | Path, run_dir: str | Path) -> Path:
+    """Copy ``teacher_eval.json`` (atomically) from a teacher folder into a run directory.
+
+    Every run directory that uses the teacher keeps this copy; returns the copy's path.
+    """
+    src = Path(teacher_dir) / "teacher_eval.json"
+    if not src.is_file():
+        raise UserError("teacher_eval.json is missing beside the teacher checkpoint", path=src,
+                        fix="refit the teacher (fmri2text teacher fit), which writes it")
+    dst = Path(run_dir) / "teacher_eval.json"
+    if dst.resolve() == src.resolve():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return dst
+
+
 def fit_teacher(bids_root: str | Path, out_dir: str | Path, cfg: Config,
-                log: Callable = print) -> dict:
+                log: Callable = print, experiment_trials: "pd.DataFrame | None" = None) -> dict:
     """Pretrain the teacher on web clips; write checkpoint, ``teacher.json``, ``teacher_eval.json``.
 
+    ``experiment_trials`` (the split trial table), when given, is checked first: a web clip
+    whose id, group or file content equals a test clip's is a UserError (DESIGN §6).
     Returns the ``teacher.json`` record (paths, timings, eval summary).
     """
-    tcfg = cfg.teacher
-    out_dir = ensure_output_dir(out_dir, what="teacher folder")
+    tcfg = resolve_preset(cfg.teacher)
     clips = list_web_clips(bids_root)
+    if experiment_trials is not None:
+        check_web_clip_leakage(clips, experiment_trials, cfg.data.group_pattern)
+    out_dir = ensure_output_dir(out_dir, what="teacher folder")
     if len(clips) < 2:
         raise UserError(f"only {len(clips)} web clip(s): need at least 2 (train + held out)",
                         path=Path(bids_root) / WEBCLIPS, fix="simulate more web clips")
