@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-$(mktemp -d /tmp/fmri2text-bench.XXXX)}
+mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 FMRI2TEXT_CACHE="$OUT/cache"
 BIN=.venv/bin/fmri2text
 measure() {  # name, command...

@@ -2,7 +2,7 @@
 
 Per run (NIfTI volume or CIFTI dtseries):
 1. read the whole file once (``.nii.gz`` has no random access);
-2. per-voxel statistics over time: brain = non-zero mean (all grayordinates for CIFTI);
+2. per-voxel statistics over time: brain = any non-zero value over time (all grayordinates for CIFTI);
    bad = NaN/inf anywhere or constant over the run (masked; fatal above
    ``cfg.max_bad_voxel_fraction`` of the brain);
 3. regress out a constant, a linear trend, cosine drifts below ``cfg.high_pass`` Hz and any
@@ -174,12 +174,12 @@ def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
         nonfinite = ~np.isfinite(series).all(axis=0)
     else:
         nonfinite = np.zeros(series.shape[1], bool)
-    constant = series.max(axis=0) == series.min(axis=0)  # NaN compares unequal: not constant
+    vmax, vmin = series.max(axis=0), series.min(axis=0)  # two passes serve both masks below
+    constant = vmax == vmin  # NaN compares unequal: not constant
     if shape is None:
         brain = np.ones(series.shape[1], bool)  # every grayordinate is brain
-    else:
-        acc = np.int64 if series.dtype.kind in "iu" else np.float64
-        brain = (series.sum(axis=0, dtype=acc) != 0) | nonfinite
+    else:  # brain: any non-zero value over time (background is exactly zero)
+        brain = (vmax != 0) | (vmin != 0) | nonfinite
     constant &= brain & ~nonfinite
     bad = nonfinite | constant
     n_brain = int(brain.sum())
