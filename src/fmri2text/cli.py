@@ -121,6 +121,137 @@ def report(
     console.print(f"report: [bold]{path}[/bold]")
 
 
+BIDS_OPT = typer.Option(..., "--bids", help="Root of the BIDS dataset (holding sub-*/).")
+RUN_OPT = typer.Option(..., "--run", help="Run directory (read and written by the step).")
+
+
+def _log(message: str) -> None:
+    console.print(escape(str(message)), highlight=False)
+
+
+def _check_bids(bids: Path, cfg):
+    """Read the dataset's trial table (headers and events only) before anything is written."""
+    from fmri2text.steps import experiment_trials
+
+    return experiment_trials(bids, cfg)
+
+
+def _check_run_dir(run: Path) -> None:
+    if not run.is_dir():  # checked before the lock, which would create the folder
+        raise UserError("run directory not found", path=run,
+                        fix="pass the folder that `fmri2text run` (or the earlier steps) wrote")
+
+
+teacher_app = typer.Typer(name="teacher", help="The Video-LLaMA teacher: pretraining on web clips.",
+                          no_args_is_help=True, add_completion=False,
+                          pretty_exceptions_enable=False)
+
+
+@teacher_app.command("fit")
+def teacher_fit(bids: Path = BIDS_OPT, run: Path = RUN_OPT, config: Optional[Path] = CONFIG_OPT,
+                overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
+    """Pretrain the teacher on the dataset's web clips (never a test clip) into RUN/teacher/."""
+    from fmri2text.steps import run_teacher_fit
+
+    cfg = _load(config, overrides)
+    _check_bids(bids, cfg)
+    with run_lock(run, "teacher fit"):
+        record = run_teacher_fit(bids, run, cfg, _log)
+    console.print(f"teacher: [bold]{escape(str(Path(run) / 'teacher'))}[/bold] "
+                  f"(hash {record['checkpoint_hash']})")
+
+
+@app.command()
+def annotate(bids: Path = BIDS_OPT, run: Path = RUN_OPT, config: Optional[Path] = CONFIG_OPT,
+             overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
+    """Video2Text + video tokens of the training clips (and, for evaluation only, the test clips)."""
+    from fmri2text.steps import run_annotate
+
+    cfg = _load(config, overrides)
+    _check_bids(bids, cfg)
+    with run_lock(run, "annotate"):
+        s = run_annotate(bids, run, cfg, _log)
+    console.print(f"annotated {s['train_clips']} training and {s['test_clips']} test clips "
+                  f"({s['computed']} computed, {s['reused']} reused)")
+
+
+@app.command("pretrain-mbm")
+def pretrain_mbm(bids: Path = BIDS_OPT, run: Path = RUN_OPT, config: Optional[Path] = CONFIG_OPT,
+                 overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
+    """Masked brain modeling on unlabeled windows (training subjects + held-out adapt trials)."""
+    from fmri2text.steps import run_pretrain_mbm
+
+    cfg = _load(config, overrides)
+    _check_bids(bids, cfg)
+    with run_lock(run, "pretrain-mbm"):
+        run_pretrain_mbm(bids, run, cfg, _log)
+    console.print(f"MBM encoder: [bold]{escape(str(Path(run) / 'mbm' / 'mbm.safetensors'))}[/bold]")
+
+
+@app.command()
+def decode(bids: Path = BIDS_OPT, run: Path = RUN_OPT,
+           instruction: Optional[str] = typer.Option(None, "--instruction",
+                                                     help="Instruction to answer (default "
+                                                          "evaluation.instruction)."),
+           config: Optional[Path] = CONFIG_OPT,
+           overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
+    """Held-out test fMRI + instruction → fMRI2Text through the Stage II student and the LLM."""
+    from fmri2text.decoding import check_student, run_decode
+
+    cfg = _load(config, overrides)
+    _check_run_dir(run)
+    check_student(run, cfg)
+    _check_bids(bids, cfg)
+    with run_lock(run, "decode"):
+        record = run_decode(bids, run, cfg, instruction, _log)
+    console.print(f"decoded {record['n_test_trials']} test trials: "
+                  f"[bold]{escape(str(Path(run) / 'predictions.jsonl'))}[/bold]")
+
+
+@app.command()
+def evaluate(run: Path = RUN_OPT, config: Optional[Path] = CONFIG_OPT,
+             overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
+    """Score predictions.jsonl and controls/*.jsonl into metrics.json; print the table."""
+    from fmri2text.decoding import read_run_outputs, run_evaluate
+    from fmri2text.evaluation.evaluate import format_table
+
+    cfg = _load(config, overrides)
+    _check_run_dir(run)
+    read_run_outputs(run)  # bad files are refused before anything is written
+    with run_lock(run, "evaluate"):
+        metrics = run_evaluate(run, cfg, _log)
+    console.print(format_table(metrics), markup=False, highlight=False)
+    console.print(f"metrics: [bold]{escape(str(Path(run) / 'metrics.json'))}[/bold]")
+
+
+@app.command("run")
+def run_all(bids: Optional[Path] = typer.Option(None, "--bids", help="Root of the BIDS dataset."),
+            out: Path = typer.Option(..., "--out", help="Run directory."),
+            simulate: bool = typer.Option(False, "--simulate",
+                                          help="Simulate a dataset into OUT/bids first."),
+            config: Optional[Path] = CONFIG_OPT,
+            overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
+    """Every step, skipping those whose inputs and config are unchanged: prepare → teacher fit
+    → annotate → pretrain-mbm → stage1 → stage2 → decode → evaluate → report."""
+    from fmri2text.pipeline import run_pipeline
+
+    cfg = _load(config, overrides)
+    if (bids is None) == (not simulate):
+        raise UserError("give either --bids DIR or --simulate (not both, not neither)",
+                        fix="fmri2text run --bids DATASET --out RUN, or fmri2text run --simulate "
+                            "--out RUN")
+    if out.exists() and not out.is_dir():
+        raise UserError("the run directory is a file, not a folder", path=out,
+                        fix="pass a folder path (it is created if missing)")
+    if bids is not None:
+        _check_bids(bids, cfg)
+    with run_lock(out, "run"):
+        result = run_pipeline(bids, out, cfg, simulate=simulate, log=_log)
+    console.print(result.table, markup=False, highlight=False)
+    console.print(f"metrics: [bold]{escape(str(result.metrics_path))}[/bold]")
+    console.print(f"report: [bold]{escape(str(result.report_path))}[/bold]")
+
+
 @app.command("config")
 def show_config(
     config: Optional[Path] = CONFIG_OPT,
@@ -140,6 +271,7 @@ def _mount_subcommands() -> None:
     from fmri2text.training.cli_train import train_app
 
     app.add_typer(train_app, name="train")
+    app.add_typer(teacher_app, name="teacher")
 
 
 _mount_subcommands()

@@ -209,3 +209,230 @@ def _prompt_only_control(cfg: Config, n: int, log: Log) -> list[str] | None:
     model, tokenizer = load_llm()
     answer = generate(model, tokenizer, None, [cfg.evaluation.instruction], max_new_tokens=48)[0]
     return [answer] * n
+
+
+# ----------------------------------------------------------------------------- fmri2text run
+
+STEPS_FILE = "steps.json"
+#: step → the config keys it reads (a change reruns it; its new outputs rerun what follows)
+STEP_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("seed", "data", "split"),
+    "teacher": ("seed", "teacher", "evaluation.instruction", "pipeline.teacher_checkpoint"),
+    "annotate": ("seed", "teacher", "data", "split", "evaluation.instruction", "stage1.annotations"),
+    "pretrain-mbm": ("seed", "data", "split", "encoder", "mbm"),
+    "stage1": ("seed", "data", "split", "encoder", "loss", "stage1"),
+    "stage2": ("seed", "data", "split", "encoder", "loss", "stage1.annotations", "stage2",
+               "teacher.llm", "teacher.llm_dtype", "teacher.system_prompt"),
+    "decode": ("seed", "data", "split", "teacher", "baseline", "pipeline", "evaluation.instruction",
+               "evaluation.seed", "stage1.annotations"),
+    "evaluate": ("evaluation",),
+    "report": (),
+}
+
+
+def section_hash(cfg: Config, keys: tuple[str, ...]) -> str:
+    """Hash of the config values under ``keys`` (dotted prefixes)."""
+    full = to_dict(cfg)
+    picked = {}
+    for key in keys:
+        node = full
+        for part in key.split("."):
+            node = node[part]
+        picked[key] = node
+    return config_hash(picked)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 (16 hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def dataset_fingerprint(bids: Path) -> str:
+    """Hash of every dataset file's relative path, size and mtime (stat only, no reads)."""
+    h = hashlib.sha256()
+    root = Path(bids)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in (".lock", SIM_STAMP):
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Step:
+    """One step of ``fmri2text run``: what it reads and writes, and how to run it."""
+
+    name: str
+    fn: Callable[[], object]
+    outputs: list[str]  # files relative to RUN whose digests later steps depend on
+    after: list[str]  # earlier steps whose outputs are this step's inputs
+    reads_dataset: bool = True
+
+
+class StepRunner:
+    """Runs steps in order, skipping one whose config keys, inputs and outputs are unchanged.
+
+    ``RUN/steps.json`` holds, per completed step, ``{config_hash, inputs, outputs, seconds}``;
+    inputs are the dataset fingerprint and the output digests of the steps it follows.
+    A step is rerun when any of these differ or an output file is missing or altered.
+    """
+
+    def __init__(self, run: Path, cfg: Config, dataset: str, log: Log = _noop):
+        self.run, self.cfg, self.dataset, self.log = Path(run), cfg, dataset, log
+        self.path = self.run / STEPS_FILE
+        try:
+            self.records = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(self.records, dict):
+                self.records = {}
+        except (OSError, ValueError):
+            self.records = {}
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def _inputs(self, step: Step) -> dict:
+        inputs = {f"{s}:{k}": v for s in step.after
+                  for k, v in (self.records.get(s) or {}).get("outputs", {}).items()}
+        if step.reads_dataset:
+            inputs["dataset"] = self.dataset
+        return inputs
+
+    def _outputs(self, step: Step) -> dict:
+        out = {}
+        for rel in step.outputs:
+            p = self.run / rel
+            out[rel] = file_digest(p) if p.is_file() else None
+        return out
+
+    def up_to_date(self, step: Step) -> bool:
+        rec = self.records.get(step.name)
+        if not rec:
+            return False
+        return (rec.get("config_hash") == section_hash(self.cfg, STEP_SECTIONS[step.name])
+                and rec.get("inputs") == self._inputs(step)
+                and rec.get("outputs") == self._outputs(step)
+                and all(v is not None for v in rec.get("outputs", {}).values()))
+
+    def run_step(self, step: Step, index: int, total: int) -> None:
+        tag = f"[{index}/{total}] {step.name}"
+        if self.up_to_date(step):
+            self.skipped.append(step.name)
+            self.log(f"{tag}: unchanged, skipped")
+            return
+        self.log(f"{tag}: running")
+        self.records.pop(step.name, None)
+        write_json(self.path, self.records)  # a killed step is never taken as complete
+        t0 = time.perf_counter()
+        step.fn()
+        seconds = time.perf_counter() - t0
+        outputs = self._outputs(step)
+        missing = [k for k, v in outputs.items() if v is None]
+        if missing:
+            raise RuntimeError(f"step {step.name} did not write {missing}")
+        self.records[step.name] = {"config_hash": section_hash(self.cfg, STEP_SECTIONS[step.name]),
+                                   "inputs": self._inputs(step), "outputs": outputs,
+                                   "seconds": round(seconds, 2)}
+        write_json(self.path, self.records)
+        self.ran.append(step.name)
+        self.log(f"{tag}: done in {seconds:.1f} s")
+
+
+@dataclass
+class RunResult:
+    """What ``fmri2text run`` did."""
+
+    ran: list[str]
+    skipped: list[str]
+    metrics_path: Path
+    report_path: Path
+    table: str
+
+
+def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = False,
+                 log: Log = _noop) -> RunResult:
+    """prepare → teacher fit → annotate → pretrain-mbm → stage1 → stage2 → decode →
+    evaluate → report into the run directory ``out``, skipping unchanged steps.
+
+    With ``simulate`` the dataset is first simulated into ``out/bids`` (reused when the
+    simulate config is unchanged). The teacher step runs when the dataset has the
+    simulator's web clips or ``pipeline.teacher_checkpoint`` is set; otherwise the run
+    stops with a :class:`UserError` before anything is trained.
+    """
+    from fmri2text import decoding, steps
+    from fmri2text.data.store import prepare
+    from fmri2text.evaluation.evaluate import format_table
+    from fmri2text.report.html import build_report
+    from fmri2text.training.stage1 import train_stage1
+    from fmri2text.training.stage2 import train_stage2
+
+    out = ensure_output_dir(out, what="run directory")
+    t_all = time.perf_counter()
+    if simulate:
+        bids = run_simulate(out / "bids", cfg, log, reuse=True)
+    bids = Path(bids)
+    trials = steps.experiment_trials(bids, cfg)  # a bad dataset stops the run here
+    if not (cfg.pipeline.teacher_checkpoint or steps.has_web_clips(bids)):
+        raise UserError("no teacher: the dataset has no web clips to fit one on and "
+                        "pipeline.teacher_checkpoint is empty", path=bids,
+                        fix="set pipeline.teacher_checkpoint=PATH/teacher.safetensors, or "
+                            "simulate a dataset with web clips (fmri2text run --simulate)")
+    write_text(out / "config.yaml", dump_config(cfg))
+    runner = StepRunner(out, cfg, dataset_fingerprint(bids), log)
+    quiet = _quiet(log)
+
+    def stage1() -> None:
+        steps.check_annotation_store(out, cfg, trials)
+        m = train_stage1(bids, out, cfg, log=quiet, progress=False)
+        if not m.get("completed"):
+            raise UserError("Stage I was interrupted", path=out / "stage1",
+                            fix="rerun fmri2text run (or fmri2text train stage1 --resume)")
+
+    def stage2() -> None:
+        steps.check_annotation_store(out, cfg, trials)
+        m = train_stage2(bids, out, cfg, log=quiet, progress=False)
+        if not m[m["main"]].get("completed"):
+            raise UserError("Stage II was interrupted", path=out / "stage2",
+                            fix="rerun fmri2text run (or fmri2text train stage2 --resume)")
+
+    ann = [f"{cfg.stage1.annotations}/annotations-{{h}}.json", "eval_annotations/annotations-{h}.json"]
+    plan = [
+        Step("prepare", lambda: prepare(bids, out / "prepared", cfg, log=quiet),
+             ["prepared/manifest.json"], []),
+        Step("teacher", lambda: steps.run_teacher_fit(bids, out, cfg, log), ["teacher/teacher.json"], []),
+        Step("annotate", lambda: steps.run_annotate(bids, out, cfg, quiet), [], ["teacher"]),
+        Step("pretrain-mbm", lambda: steps.run_pretrain_mbm(bids, out, cfg, log),
+             ["mbm/mbm.safetensors"], []),
+        Step("stage1", stage1, ["stage1/student.safetensors"], ["annotate", "pretrain-mbm"]),
+        Step("stage2", stage2, ["stage2/student.safetensors"], ["stage1", "annotate"]),
+        Step("decode", lambda: decoding.run_decode(bids, out, cfg, log=log),
+             ["predictions.jsonl", "controls/shuffled.jsonl", "controls/prompt_only.jsonl",
+              "controls/ridge.jsonl"], ["stage2", "annotate"]),
+        Step("evaluate", lambda: decoding.run_evaluate(out, cfg, log), ["metrics.json"],
+             ["decode"], reads_dataset=False),
+        Step("report", lambda: build_report(out, dataset_root=bids), ["report.html"],
+             ["evaluate"], reads_dataset=False),
+    ]
+    for i, step in enumerate(plan, 1):
+        if step.name == "annotate":  # its files are named by the teacher's hash
+            digest = json.loads((out / "teacher" / "teacher.json").read_text())["checkpoint_hash"]
+            step.outputs = [a.format(h=digest) for a in ann]
+        runner.run_step(step, i, len(plan))
+    if not runner.ran:
+        log("nothing to do: every step is up to date")
+    else:
+        log(f"run: {len(runner.ran)} step(s) run, {len(runner.skipped)} skipped, "
+            f"{time.perf_counter() - t_all:.1f} s")
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    return RunResult(runner.ran, runner.skipped, out / "metrics.json", out / "report.html",
+                     format_table(metrics))
+
+
+def _quiet(log: Log) -> Log:
+    """Pass through a step's messages except per-batch chatter."""
+    def inner(message: str) -> None:
+        if not message.startswith(("annotated ", "prepare: subject")):
+            log(message)
+    return inner

@@ -229,6 +229,26 @@ def _empty_bids(work: Path):
     return ["prepare", "--bids", work / "bids", "--out", work / "prep"], [str(work / "bids")]
 
 
+def _run_without_student(work: Path):
+    run = _run_dir(work)
+    (work / "bids").mkdir()
+    return ["decode", "--bids", work / "bids", "--run", run], [
+        str(run / "stage2" / "student.safetensors"), "stage2"]
+
+
+def _predictions_missing_fields(work: Path):
+    run = _run_dir(work)
+    (run / "predictions.jsonl").write_text(json.dumps({"subject": "sub-01", "fmri2text": "x"}) + "\n")
+    return ["evaluate", "--run", run], [str(run / "predictions.jsonl"), "video2text"]
+
+
+def _control_missing_fields(work: Path):
+    run = _run_dir(work)
+    (run / "controls").mkdir()
+    (run / "controls" / "shuffled.jsonl").write_text(json.dumps({"subject": "sub-01"}) + "\n")
+    return ["evaluate", "--run", run], [str(run / "controls" / "shuffled.jsonl"), "fmri2text"]
+
+
 #: Rows that fail today because of a bug in a module this suite may not edit (strict: the
 #: mark must go when the bug is fixed).
 KNOWN_BUGS: dict = {}  # (command, case) -> reason, for bugs found but not yet fixed
@@ -254,6 +274,30 @@ COMMAND_CASES = [
         ["train", "stage1", "--bids", w / "nope", "--run", w / "r"], [str(w / "nope")])),
     Case("train", "stage2_bids_missing", lambda w: (
         ["train", "stage2", "--bids", w / "nope", "--run", w / "r"], [str(w / "nope")])),
+    Case("teacher", "fit_bids_missing", lambda w: (
+        ["teacher", "fit", "--bids", w / "nope", "--run", w / "r"], [str(w / "nope")])),
+    Case("annotate", "bids_missing", lambda w: (["annotate", "--bids", w / "nope", "--run", w / "r"],
+                                                [str(w / "nope")])),
+    Case("annotate", "bids_empty", lambda w: ((w / "b").mkdir() or None) or (
+        ["annotate", "--bids", w / "b", "--run", w / "r"], [str(w / "b")])),
+    Case("pretrain-mbm", "bids_missing", lambda w: (
+        ["pretrain-mbm", "--bids", w / "nope", "--run", w / "r"], [str(w / "nope")])),
+    Case("decode", "run_missing", lambda w: (["decode", "--bids", w, "--run", w / "nope"],
+                                             [str(w / "nope")])),
+    Case("decode", "no_student", _run_without_student),
+    Case("evaluate", "run_missing", lambda w: (["evaluate", "--run", w / "nope"], [str(w / "nope")])),
+    Case("evaluate", "predictions_missing_fields", _predictions_missing_fields),
+    Case("evaluate", "control_missing_fields", _control_missing_fields),
+    Case("evaluate", "predictions_missing", lambda w: ((_run_dir(w) / "predictions.jsonl").unlink()
+                                                       or None) or (
+        ["evaluate", "--run", w / "run"], [str(w / "run" / "predictions.jsonl"), "not found"])),
+    Case("run", "neither_bids_nor_simulate", lambda w: (["run", "--out", w / "o"],
+                                                        ["--bids", "--simulate"])),
+    Case("run", "both_bids_and_simulate", lambda w: (
+        ["run", "--bids", w, "--simulate", "--out", w / "o"], ["--bids", "--simulate"])),
+    Case("run", "out_is_file", _out_is_file("run", lambda w: ["--simulate"])),
+    Case("run", "bids_missing", lambda w: (["run", "--bids", w / "nope", "--out", w / "o"],
+                                           [str(w / "nope")])),
     Case("report", "run_missing", lambda w: (["report", "--run", w / "nope"], [str(w / "nope")])),
     Case("report", "run_is_file", lambda w: ((w / "f").write_text("x") and None) or (
         ["report", "--run", w / "f"], [str(w / "f")])),

@@ -1,0 +1,315 @@
+"""``decode`` and ``evaluate`` steps: held-out fMRI → text through the Stage II student and
+the frozen LLM, with the controls, then scoring into ``metrics.json`` (DESIGN §5).
+
+decode reads ``RUN/stage2/student.safetensors``, the held-out subjects' *test* windows,
+``RUN/eval_annotations`` (the teacher's Video2Text and video tokens of the test clips,
+evaluation only) and ``RUN/annotations`` (training clips' answers, for the ridge baseline);
+it writes::
+
+    RUN/predictions.jsonl          subject run onset stim instruction video2text fmri2text truth
+    RUN/controls/shuffled.jsonl    same student, fMRI permuted within subject
+    RUN/controls/prompt_only.jsonl no fMRI tokens: the LLM's prior
+    RUN/controls/ridge.jsonl       ridge fMRI → sentence embedding, nearest training answer
+    RUN/retrieval.npz              pooled Z of each trial, pooled X of each test clip
+    RUN/brain_map.nii.gz           gradient saliency of the student, back in the volume
+    RUN/decode.json                what was decoded with (student hash, timings)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from fmri2text.config import Config, to_dict
+from fmri2text.errors import UserError
+from fmri2text.io import ensure_output_dir, write_bytes, write_json, write_jsonl
+from fmri2text.steps import EVAL_ANNOTATIONS, teacher_checkpoint
+
+Log = Callable[[str], None]
+
+STUDENT = Path("stage2") / "student.safetensors"
+#: config keys that must match between the Stage II run and the decoding config
+STAGE2_KEYS = ("data", "split", "loss", "stage2", "teacher.llm", "teacher.video_queries",
+               "teacher.system_prompt")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _pick(flat: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+
+
+def check_student(run: Path, cfg: Config) -> Path:
+    """Refuse a Stage II student trained with another config (naming the file and the keys).
+
+    Compares the encoder recorded in the student file and the Stage II run's
+    ``config.yaml`` (data, split, loss, stage2, the LLM) with ``cfg``.
+    """
+    from safetensors import safe_open
+
+    path = Path(run) / STUDENT
+    if not path.is_file():
+        raise UserError("no trained Stage II student in the run", path=path,
+                        fix="train it first: fmri2text train stage2 (or fmri2text run)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        saved = {"encoder": json.loads(meta["encoder"])}
+        n_tokens = int(meta["n_tokens"])
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to replace
+        raise UserError(f"not an fmri2text student file ({type(err).__name__}: {err})", path=path,
+                        fix="retrain it with fmri2text train stage2") from None
+    current = _flatten(to_dict(cfg))
+    diffs = [(k, v, current.get(k)) for k, v in _flatten(saved).items() if current.get(k) != v]
+    from fmri2text.models.teacher import resolve_preset
+
+    queries = resolve_preset(cfg.teacher).video_queries
+    if n_tokens != queries:
+        diffs.append(("teacher.video_queries", n_tokens, queries))
+    cfg_file = path.parent / "config.yaml"
+    if cfg_file.is_file():
+        try:
+            trained = _flatten(yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {})
+        except (OSError, yaml.YAMLError, AttributeError):
+            trained = {}
+        diffs += [(k, v, current.get(k)) for k, v in _pick(trained, STAGE2_KEYS).items()
+                  if current.get(k) != v and (k, v, current.get(k)) not in diffs]
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs[:4])
+        raise UserError(f"the student checkpoint was trained with another config ({shown}"
+                        f"{'; …' if len(diffs) > 4 else ''})", path=path,
+                        fix=f"decode with the config it was trained with (--config {cfg_file}), "
+                            "or retrain with this one (fmri2text run skips what is unchanged)")
+    return path
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _rows(trials, idx: np.ndarray, instruction: str, video2text: list[str | None],
+          texts: list[str]) -> list[dict]:
+    """predictions.jsonl rows of trial-table rows ``idx``."""
+    return [{"subject": f"sub-{trials['subject'].iat[i]}", "run": int(trials["run"].iat[i]),
+             "onset": float(trials["onset"].iat[i]), "stim": str(trials["stim_file"].iat[i]),
+             "instruction": instruction, "video2text": v, "fmri2text": t,
+             "truth": list(trials["captions"].iat[i]) or None}
+            for i, v, t in zip(idx, video2text, texts)]
+
+
+def _eval_answers(run: Path, digest: str, clips: list[str], instruction: str
+                  ) -> tuple[list[str | None], np.ndarray, list[str]]:
+    """Video2Text per trial clip (None where the teacher did not answer this instruction),
+    pooled X (K, d) of the distinct test clips, and those clips (sorted)."""
+    from fmri2text.data.datasets import ClipTargets
+
+    folder = Path(run) / EVAL_ANNOTATIONS
+    targets = ClipTargets.from_store(folder, digest)
+    missing = targets.missing(clips)
+    if missing:
+        raise UserError(f"{len(missing)} test clip(s) have no evaluation annotation, e.g. "
+                        f"{missing[:2]}", path=folder, fix="run fmri2text annotate on this run")
+    index = json.loads((folder / f"annotations-{digest}.json").read_text(encoding="utf-8"))["rows"]
+    answers = {(r["clip"], r["instruction"]): r["answer"] for r in index}
+    v2t = [answers.get((c, instruction)) for c in clips]
+    if any(v is None for v in v2t):
+        v2t = [None] * len(clips)  # no teacher answer for this instruction: score vs truth
+    distinct = sorted(set(clips))
+    pooled = torch.nn.functional.normalize(targets.tokens_of(distinct).mean(dim=1), dim=-1)
+    return v2t, pooled.numpy(), distinct
+
+
+def _saliency(student, data, positions: np.ndarray, batch: int) -> np.ndarray:
+    """Mean |∂‖Z‖²/∂fMRI| over trials and time, per feature (F,): where the decoder looks."""
+    total = None
+    for s in range(0, len(positions), batch):
+        x = data.fmri(positions[s:s + batch]).requires_grad_(True)  # (B, T, X', Y', Z')
+        student(x).float().pow(2).sum().backward()
+        g = x.grad.abs().sum(dim=(0, 1))  # (X', Y', Z')
+        total = g if total is None else total + g
+    student.zero_grad(set_to_none=True)
+    flat = total.flatten() if data.crop is None else total.flatten()[data.crop.index]
+    return (flat / max(len(positions), 1)).numpy()
+
+
+def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = None,
+               log: Log = print) -> dict:
+    """Decode the held-out subjects' test trials; write predictions, controls and extras."""
+    from fmri2text.data.datasets import TrialWindows, load_windows, split_rows
+    from fmri2text.evaluation.baselines import RidgeBaseline
+    from fmri2text.evaluation.evaluate import shuffle_within_subject
+    from fmri2text.models import llm as llm_mod
+    from fmri2text.training.stage1 import load_student, load_targets
+
+    run = Path(run)
+    student_path = check_student(run, cfg)
+    _, digest = teacher_checkpoint(run, cfg)
+    instruction = instruction or cfg.evaluation.instruction
+    if not instruction.strip():
+        raise UserError("the instruction is empty", fix="pass --instruction 'Describe the video.'")
+    p = cfg.pipeline
+    if p.decode_batch_size < 1 or p.decode_max_new_tokens < 1:
+        raise UserError(f"pipeline.decode_batch_size={p.decode_batch_size} and "
+                        f"pipeline.decode_max_new_tokens={p.decode_max_new_tokens} must be >= 1",
+                        fix="set both to positive integers")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    windows = load_windows(bids, cfg)
+    trials = windows.trials
+    test_idx = split_rows(trials, "test")
+    test = TrialWindows(windows, test_idx)
+    subjects = test.subjects
+    video2text, cand, distinct = _eval_answers(run, digest, list(test.clips), instruction)
+    student, info = load_student(student_path)
+    if tuple(info["input_shape"]) != tuple(test.input_shape):
+        raise UserError(f"the student reads windows of shape {tuple(info['input_shape'])}, the "
+                        f"data gives {tuple(test.input_shape)}", path=student_path,
+                        fix="decode the dataset it was trained on, or retrain on this one")
+    student.eval()
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pos = np.arange(len(test))
+    with torch.no_grad():
+        z = torch.cat([student(test.fmri(pos[s:s + p.decode_batch_size]))
+                       for s in range(0, len(pos), p.decode_batch_size)]).float()  # (n, L, d)
+    saliency = _saliency(student, test, pos, p.decode_batch_size)
+    llm, tok = llm_mod.load_llm(cfg.teacher.llm, cfg.teacher.llm_dtype)
+    if z.shape[-1] != llm.get_input_embeddings().weight.shape[1]:
+        raise UserError(f"the student outputs width {z.shape[-1]}, the LLM is "
+                        f"{llm.get_input_embeddings().weight.shape[1]} wide", path=student_path,
+                        fix="use the LLM of the teacher it was trained against (teacher.llm)")
+    gen = dict(max_new_tokens=p.decode_max_new_tokens, greedy=p.decode_greedy,
+               seed=cfg.evaluation.seed, batch_size=p.decode_batch_size,
+               system=cfg.teacher.system_prompt or None)
+    instrs = [instruction] * len(test)
+    log(f"decode: {len(test)} test trials of {len(set(subjects))} held-out subject(s)")
+    decoded = llm_mod.generate(llm, tok, z, instrs, **gen)
+    timings["decode"] = time.perf_counter() - t
+    t = time.perf_counter()
+    z_shuffled = torch.from_numpy(shuffle_within_subject(z.numpy(), subjects, cfg.evaluation.seed))
+    shuffled = llm_mod.generate(llm, tok, z_shuffled, instrs, **gen)
+    prior = llm_mod.generate(llm, tok, None, instrs[:1], **gen)[0]
+    timings["controls_llm"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    train_idx = split_rows(trials, "train")
+    train_texts = load_targets(run, cfg.stage1.annotations).text_of(
+        trials["stim_file"].astype(str).to_numpy()[train_idx])[1]
+    X = windows.data.mean(axis=1)  # (n_trials, F): the window's mean response
+    ridge = RidgeBaseline(cfg.baseline)
+    ridge.fit(X[train_idx], train_texts, groups=trials["subject"].to_numpy()[train_idx])
+    ridge_texts = ridge.decode(X[test_idx])
+    timings["ridge"] = time.perf_counter() - t
+
+    predictions = _rows(trials, test_idx, instruction, video2text, decoded)
+    controls = {"shuffled": _rows(trials, test_idx, instruction, video2text, shuffled),
+                "prompt_only": _rows(trials, test_idx, instruction, video2text, [prior] * len(test)),
+                "ridge": _rows(trials, test_idx, instruction, video2text, ridge_texts)}
+    write_jsonl(run / "predictions.jsonl", predictions)
+    ensure_output_dir(run / "controls", what="controls folder")
+    for name, rows in controls.items():
+        write_jsonl(run / "controls" / f"{name}.jsonl", rows)
+    pooled = torch.nn.functional.normalize(z.mean(dim=1), dim=-1).numpy()  # (n, d)
+    true_index = np.array([distinct.index(c) for c in test.clips])
+    buf = io.BytesIO()
+    np.savez(buf, pred=pooled, candidates=cand, true_index=true_index)
+    write_bytes(run / "retrieval.npz", buf.getvalue())
+    _write_saliency(run, windows, trials, saliency)
+    record = {"decoder": "fmri2text", "student": str(student_path),
+              "student_hash": _file_hash(student_path), "teacher_hash": digest,
+              "instruction": instruction, "n_test_trials": len(test),
+              "reference": "video2text" if video2text[0] is not None else "truth",
+              "prompt_only_answer": prior, "generation": {k: v for k, v in gen.items()},
+              "timings_s": {k: round(v, 2) for k, v in timings.items()},
+              "pipeline": dataclasses.asdict(p)}
+    write_json(run / "decode.json", record)
+    return record
+
+
+def _write_saliency(run: Path, windows, trials, values: np.ndarray) -> None:
+    """``RUN/brain_map.nii.gz`` from per-feature values (volume data only)."""
+    if windows.grid is None:
+        return
+    import nibabel as nib
+
+    from fmri2text.pipeline import write_brain_map
+
+    affine = nib.load(str(trials["bold_path"].iat[0])).affine
+    mask = windows.feature_mask.reshape(windows.grid).astype(np.uint8)
+    write_brain_map(run / "brain_map.nii.gz", values, nib.Nifti1Image(mask, affine))
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def read_run_outputs(run: Path) -> tuple[list[dict], dict[str, list[dict]], dict | None]:
+    """Checked predictions, controls and retrieval arrays of a run (UserError naming a bad file)."""
+    from fmri2text.evaluation.evaluate import read_predictions
+
+    predictions = read_predictions(Path(run) / "predictions.jsonl")
+    controls = {}
+    folder = Path(run) / "controls"
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        rows = read_predictions(path)
+        if len(rows) != len(predictions):
+            raise UserError(f"{len(rows)} control rows for {len(predictions)} predictions",
+                            path=path, fix="rerun fmri2text decode, which writes both")
+        controls[path.stem] = rows
+    retrieval = None
+    rpath = Path(run) / "retrieval.npz"
+    if rpath.is_file():
+        try:
+            with np.load(rpath, allow_pickle=False) as f:
+                retrieval = {k: f[k] for k in ("pred", "candidates", "true_index")}
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"cannot read retrieval embeddings ({err})", path=rpath,
+                            fix="delete it and rerun fmri2text decode") from None
+        if len(retrieval["pred"]) != len(predictions):
+            retrieval = None  # written for another predictions file: not scored
+    return predictions, controls, retrieval
+
+
+def run_evaluate(run: Path, cfg: Config, log: Log = print) -> dict:
+    """Score predictions + controls (+ retrieval) into ``RUN/metrics.json``; return it."""
+    from fmri2text.evaluation.evaluate import evaluate
+    from fmri2text.evaluation.metrics import TextScorer
+
+    run = Path(run)
+    predictions, controls, retrieval = read_run_outputs(run)
+    t = time.perf_counter()
+    metrics = evaluate(predictions, controls, TextScorer(cfg.evaluation), cfg.evaluation,
+                       retrieval=retrieval)
+    record = run / "decode.json"
+    try:
+        metrics["decoder"] = json.loads(record.read_text(encoding="utf-8")).get("decoder", "fmri2text")
+    except (OSError, ValueError, AttributeError):
+        metrics["decoder"] = "fmri2text"
+    metrics["evaluate_seconds"] = round(time.perf_counter() - t, 2)
+    write_json(run / "metrics.json", metrics)
+    log(f"evaluate: {len(predictions)} trials, controls {sorted(controls)} "
+        f"({metrics['evaluate_seconds']:.1f} s)")
+    return metrics

@@ -1,0 +1,212 @@
+"""``fmri2text run`` end to end on a tiny config, step skipping, and the leakage guard.
+
+The end-to-end run uses every real component (simulator, teacher with its frozen
+EfficientNet backbone and MiniLM-initialised Q-Formers, MBM, Stage I, Stage II with DANCE,
+batched greedy decoding, ridge baseline, scorer, report) with a tiny random LLaMA in place
+of SmolLM2, whose 135 M parameters alone would take minutes per step on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fmri2text.config import load_config
+from fmri2text.errors import UserError
+from fmri2text.pipeline import STEP_SECTIONS, Step, StepRunner
+from fmri2text.steps import check_annotation_store, check_training_inputs
+
+TINY = ["simulate.subjects=3", "simulate.runs=1", "simulate.classes=4", "simulate.resolution=8",
+        "simulate.web_clips=16", "simulate.frame_size=32", "split.n_heldout=1",
+        "teacher.image_size=64", "teacher.n_frames=4", "teacher.image_queries=4",
+        "teacher.video_queries=4", "teacher.image_layers=1", "teacher.video_layers=1",
+        "teacher.steps=4", "teacher.batch_size=4", "teacher.max_new_tokens=8",
+        "encoder.preset=tiny", "encoder.projector_dim=32", "encoder.projector_heads=2",
+        "mbm.steps=4", "mbm.batch_size=4", "stage1.steps=4", "stage1.batch_size=8",
+        "stage2.steps=2", "stage2.batch_size=4", "stage2.target_batch_size=4",
+        "pipeline.decode_max_new_tokens=8", "evaluation.n_permutations=200"]
+METRIC_KEYS = {"bertscore_p", "bertscore_r", "bertscore_f1", "bleu1", "bleu2", "rougeL_p",
+               "rougeL_r", "rougeL_f"}
+FIELDS = {"subject", "run", "onset", "stim", "instruction", "video2text", "fmri2text", "truth"}
+STEP_NAMES = list(STEP_SECTIONS)
+
+
+def cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "fmri2text.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A random 2-layer LLaMA with a chat template, saved as a local transformers folder."""
+    from fmri2text.models.zoo import tiny_llm
+
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    model, tok = tiny_llm(hidden=64, layers=2)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_llm_dir):
+    out = tmp_path_factory.mktemp("run")
+    args = ["run", "--simulate", "--out", out, *TINY, f"teacher.llm={tiny_llm_dir}"]
+    first = cli(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return out, args, first
+
+
+def test_run_writes_the_contract(finished_run):
+    out, _, r = finished_run
+    for i, name in enumerate(STEP_NAMES, 1):
+        assert f"[{i}/{len(STEP_NAMES)}] {name}: done in" in r.stdout, name
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"scorer", "subjects", "total", "controls", "p_values", "n_test_trials",
+            "vs_truth"} <= set(m)
+    assert m["reference"] == "video2text" and m["decoder"] == "fmri2text"
+    assert list(m["subjects"]) == ["sub-03"]
+    assert METRIC_KEYS | {"top1", "top5", "twoway"} <= set(m["total"])
+    assert set(m["controls"]) == {"shuffled", "prompt_only", "ridge"}
+    for ctl in m["controls"].values():
+        assert METRIC_KEYS <= set(ctl)
+    assert {"bertscore_f1", "bleu1"} <= set(m["p_values"])
+    assert METRIC_KEYS <= set(m["vs_truth"]["total"])
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == m["n_test_trials"] > 0
+    rows = [json.loads(line) for line in lines]
+    assert all(FIELDS <= set(row) for row in rows)
+    assert all(isinstance(row["video2text"], str) and row["video2text"] for row in rows)
+    assert all(row["truth"] for row in rows)
+    for name in ("shuffled", "prompt_only", "ridge"):
+        ctl = (out / "controls" / f"{name}.jsonl").read_text().splitlines()
+        assert [json.loads(c)["stim"] for c in ctl] == [row["stim"] for row in rows]
+    html = (out / "report.html").read_text()
+    assert "sub-03" in html and "<script>alert" not in html
+    assert (out / "brain_map.nii.gz").is_file() and (out / "mbm" / "mbm.safetensors").is_file()
+    assert set(json.loads((out / "steps.json").read_text())) == set(STEP_NAMES)
+
+
+def test_test_clips_never_in_training_annotations(finished_run):
+    out, _, _ = finished_run
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    test_stims = {row["stim"] for row in rows}
+    (train_index,) = (out / "annotations").glob("annotations-*.json")
+    train_clips = {r["clip"] for r in json.loads(train_index.read_text())["rows"]}
+    (eval_index,) = (out / "eval_annotations").glob("annotations-*.json")
+    eval_clips = {r["clip"] for r in json.loads(eval_index.read_text())["rows"]}
+    assert eval_clips == test_stims and not train_clips & test_stims
+
+
+def test_second_run_skips_every_step(finished_run):
+    out, args, _ = finished_run
+    before = {p: p.stat().st_mtime_ns for p in (out / "metrics.json", out / "report.html",
+                                                 out / "stage2" / "student.safetensors")}
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "nothing to do: every step is up to date" in r.stdout
+    assert r.stdout.count("unchanged, skipped") == len(STEP_NAMES)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_decode_with_a_student_of_another_config(finished_run, tiny_llm_dir):
+    out, _, _ = finished_run
+    before = (out / "predictions.jsonl").read_bytes()
+    r = cli("decode", "--bids", out / "bids", "--run", out, *TINY, f"teacher.llm={tiny_llm_dir}",
+            "encoder.projector_dim=64")
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    assert r.stderr.count("error:") == 1 and "fix:" in r.stderr
+    assert str(out / "stage2" / "student.safetensors") in r.stderr
+    assert "encoder.projector_dim" in r.stderr
+    assert (out / "predictions.jsonl").read_bytes() == before
+
+
+def test_evaluate_predictions_missing_fields(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "predictions.jsonl").write_text(json.dumps({"subject": "sub-01", "fmri2text": "x"}) + "\n")
+    r = cli("evaluate", "--run", run)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    assert str(run / "predictions.jsonl") in r.stderr and "video2text" in r.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["predictions.jsonl"]
+
+
+# ----------------------------------------------------------------------------- step skipping
+
+
+def _fake_plan(run: Path, calls: list[str]) -> list[Step]:
+    """The real step names and order, each writing one new file per call, each reading the
+    previous step's output."""
+    plan = []
+    for k, name in enumerate(STEP_NAMES):
+        def fn(name=name):
+            calls.append(name)
+            n = len(list(run.glob(f"{name}.*.log")))
+            (run / f"{name}.{n}.log").write_text("")
+            (run / f"{name}.out").write_text(f"{name} call {n}")
+        plan.append(Step(name, fn, [f"{name}.out"], STEP_NAMES[k - 1:k]))
+    return plan
+
+
+def _run_plan(run: Path, overrides: list[str], dataset: str = "d1") -> list[str]:
+    calls: list[str] = []
+    runner = StepRunner(run, load_config(None, overrides), dataset)
+    for i, step in enumerate(_fake_plan(run, calls), 1):
+        runner.run_step(step, i, len(STEP_NAMES))
+    return calls
+
+
+def test_runner_skips_unchanged_and_reruns_downstream(tmp_path):
+    assert _run_plan(tmp_path, []) == STEP_NAMES
+    assert _run_plan(tmp_path, []) == []
+    after_stage2 = STEP_NAMES[STEP_NAMES.index("stage2"):]
+    assert _run_plan(tmp_path, ["stage2.steps=7"]) == after_stage2
+    assert _run_plan(tmp_path, ["stage2.steps=7"]) == []
+    # an evaluation key reruns evaluate and what reads its output only
+    assert _run_plan(tmp_path, ["stage2.steps=7", "evaluation.n_permutations=10"]) == \
+        ["evaluate", "report"]
+    # a deleted output reruns its step (and, its new output, those after it); a changed
+    # dataset reruns every step reading it
+    (tmp_path / "decode.out").unlink()
+    assert _run_plan(tmp_path, ["stage2.steps=7", "evaluation.n_permutations=10"]) == \
+        ["decode", "evaluate", "report"]
+    assert _run_plan(tmp_path, ["stage2.steps=7", "evaluation.n_permutations=10"],
+                     dataset="d2")[0] == "prepare"
+
+
+# ----------------------------------------------------------------------------- leakage guard
+
+
+def _trials() -> pd.DataFrame:
+    return pd.DataFrame({
+        "stim_file": ["a/v_a_id_AAAAAAAAAAA_start_1.0_label_1.mp4",
+                      "a/v_a_id_BBBBBBBBBBB_start_2.0_label_1.mp4",
+                      "a/v_a_id_CCCCCCCCCCC_start_3.0_label_1.mp4"],
+        "group": ["AAAAAAAAAAA", "BBBBBBBBBBB", "CCCCCCCCCCC"],
+        "split": ["train", "adapt", "test"], "subject": ["01", "02", "02"]})
+
+
+def test_leakage_guard_refuses_test_stimuli_and_groups(tmp_path):
+    trials = _trials()
+    check_training_inputs(trials, ["AAAAAAAAAAA.mp4", "ZZZZZZZZZZZ.mp4"], "teacher web clips")
+    with pytest.raises(UserError, match="teacher web clips.*CCCCCCCCCCC"):
+        check_training_inputs(trials, ["CCCCCCCCCCC.mp4"], "teacher web clips", path=tmp_path)
+    with pytest.raises(UserError, match="test stimulus"):
+        check_training_inputs(trials, [trials["stim_file"].iat[2]], "training clips")
+    store = tmp_path / "annotations"
+    store.mkdir()
+    (store / "annotations-abc.json").write_text(json.dumps(
+        {"rows": [{"clip": trials["stim_file"].iat[2], "instruction": "x", "answer": "y", "row": 0}]}))
+    with pytest.raises(UserError, match="training annotations") as err:
+        check_annotation_store(tmp_path, load_config(None, []), trials)
+    assert "annotations-abc.json" in str(err.value)
+    with pytest.raises(UserError, match="evaluation-only"):
+        check_annotation_store(tmp_path, load_config(None, ["stage1.annotations=eval_annotations"]),
+                               trials)
