@@ -210,3 +210,22 @@ def test_leakage_guard_refuses_test_stimuli_and_groups(tmp_path):
     with pytest.raises(UserError, match="evaluation-only"):
         check_annotation_store(tmp_path, load_config(None, ["stage1.annotations=eval_annotations"]),
                                trials)
+
+
+def test_external_teacher_keeps_its_evaluation_in_the_run(tmp_path, monkeypatch):
+    import json as _json
+
+    from fmri2text import steps
+    from fmri2text.config import load_config
+
+    teacher = tmp_path / "teachers" / "t1"
+    teacher.mkdir(parents=True)
+    (teacher / "teacher.safetensors").write_bytes(b"weights")
+    (teacher / "teacher_eval.json").write_text(_json.dumps({"video2text": {"bleu1": 50.0}}))
+    monkeypatch.setattr(steps, "experiment_trials", lambda bids, cfg: None)
+    cfg = load_config(None, [f"pipeline.teacher_checkpoint={teacher / 'teacher.safetensors'}"])
+    run = tmp_path / "run"
+    record = steps.run_teacher_fit(tmp_path / "bids", run, cfg, log=lambda m: None)
+    assert record["external"] is True
+    copied = list(run.rglob("teacher_eval.json"))
+    assert len(copied) == 1 and _json.loads(copied[0].read_text())["video2text"]["bleu1"] == 50.0

@@ -127,7 +127,8 @@ def run_teacher_fit(bids: Path, run: Path, cfg: Config, log: Log) -> dict:
 
     The web clips are checked against the experiment's test stimuli and groups first.
     """
-    from fmri2text.training.teacher import checkpoint_hash, fit_teacher, list_web_clips
+    from fmri2text.training.teacher import (checkpoint_hash, copy_teacher_eval, fit_teacher,
+                                            list_web_clips)
 
     trials = experiment_trials(bids, cfg)
     given = cfg.pipeline.teacher_checkpoint
@@ -141,6 +142,7 @@ def run_teacher_fit(bids: Path, run: Path, cfg: Config, log: Log) -> dict:
         record = {"checkpoint": str(path), "checkpoint_hash": checkpoint_hash(path),
                   "external": True}
         write_json(out / "teacher.json", record)
+        copy_teacher_eval(path.parent, out)  # every run using a teacher keeps its evaluation
         log(f"teacher: using {path}")
         return record
     clips = list_web_clips(bids)
