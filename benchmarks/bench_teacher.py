@@ -24,15 +24,7 @@ import time
 import numpy as np
 import torch
 
-
-def matmul_rate(dtype: torch.dtype, n: int, reps: int) -> float:
-    """GFLOP/s of an n x n matmul in ``dtype`` (one untimed warm-up)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+from machine import matmul_rate  # benchmarks/machine.py, beside this script
 
 
 def render_clips(n: int, n_frames: int, size: int, seed: int = 0):

@@ -19,15 +19,7 @@ import time
 
 import torch
 
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
-    """GFLOP/s of an n x n matmul in ``dtype``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+from machine import matmul_rate  # benchmarks/machine.py, beside this script
 
 
 def bench_stage1(grid: tuple[int, int, int], batch: int, steps: int) -> dict:
