@@ -137,6 +137,19 @@ def load_targets(run_dir: Path, folder: str) -> ClipTargets:
     return ClipTargets.from_store(run_dir / folder, teacher_hash)
 
 
+def load_eval_targets(run_dir: Path, train_targets: ClipTargets) -> ClipTargets:
+    """Targets that score the held-out *test* trials (never trained on).
+
+    ``RUN/eval_annotations`` when the pipeline wrote it (the test clips' teacher tokens and
+    answers, kept apart from every training input), else the training store itself.
+    """
+    from fmri2text.steps import EVAL_ANNOTATIONS
+
+    if (run_dir / EVAL_ANNOTATIONS).is_dir():
+        return load_targets(run_dir, EVAL_ANNOTATIONS)
+    return train_targets
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -231,8 +244,9 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     if main:
         write_text(stage_dir / "config.yaml", dump_config(cfg))
 
-    test_ok = len(test) > 0 and not targets.missing(test.clips)
-    before = retrieval(student, test, targets, s1.eval_batch_size) if (test_ok and main) else None
+    eval_targets = load_eval_targets(run_dir, targets)
+    test_ok = len(test) > 0 and not eval_targets.missing(test.clips)
+    before = retrieval(student, test, eval_targets, s1.eval_batch_size) if (test_ok and main) else None
     if before:
         log(f"stage1: untrained retrieval top-1 {before['top1']:.3f} "
             f"(chance {before['chance_top1']:.3f})")
@@ -270,7 +284,7 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     if result["stopped"] is not None:
         return metrics
     if main:
-        metrics["retrieval_after"] = retrieval(student, test, targets, s1.eval_batch_size) \
+        metrics["retrieval_after"] = retrieval(student, test, eval_targets, s1.eval_batch_size) \
             if test_ok else None
         if not test_ok:
             metrics["note"] = "no held-out test trials with teacher tokens: retrieval not measured"

@@ -33,7 +33,8 @@ from fmri2text.losses import StageTwoLoss, stage_two_loss_from_config
 from fmri2text.models import llm as llm_mod
 from fmri2text.models.student import Student
 from fmri2text.training import loop
-from fmri2text.training.stage1 import STUDENT_FILE, load_student, load_targets, pooled_z, save_student
+from fmri2text.training.stage1 import (STUDENT_FILE, load_eval_targets, load_student, load_targets,
+                                       pooled_z, save_student)
 
 Log = Callable[[str], None]
 
@@ -175,9 +176,10 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
     loss = stage_two_loss_from_config(cfg.loss, dim=info["d_llm"], n_classes=max(len(codes), 2),
                                       n_target=max(len(adapt), 1))
     model = BridgeModel(student, loss, llm, tokenizer, cfg.teacher.system_prompt or None)
-    test_ok = len(test) > 0 and not targets.missing(test.clips)
+    eval_targets = load_eval_targets(run_dir, targets)  # test clips: scored, never trained on
+    test_ok = len(test) > 0 and not eval_targets.missing(test.clips)
     eval_bs = cfg.stage1.eval_batch_size
-    before = heldout_ce(model, test, targets, eval_bs, s2.eval_max_trials) if test_ok and main else None
+    before = heldout_ce(model, test, eval_targets, eval_bs, s2.eval_max_trials) if test_ok and main else None
     if da and not resume:  # DANCE: the memory bank starts from the target features
         feats = pooled_z(student, adapt, eval_bs)
         loss.dance.memory.fill(feats, torch.arange(len(adapt)))
@@ -226,7 +228,7 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
     if result["stopped"] is not None or not main:
         return metrics
     if test_ok:
-        metrics["heldout_ce_after"] = heldout_ce(model, test, targets, eval_bs, s2.eval_max_trials)
+        metrics["heldout_ce_after"] = heldout_ce(model, test, eval_targets, eval_bs, s2.eval_max_trials)
         log(f"stage2[{name}]: held-out CE {before:.3f} -> {metrics['heldout_ce_after']:.3f}")
     src_sel = np.random.default_rng(s2.seed).permutation(len(src))[:max(len(adapt), len(test), 64)]
     f_src = pooled_z(student, src, eval_bs, src_sel)
