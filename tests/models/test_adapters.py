@@ -79,3 +79,20 @@ def test_bert_style_qformer_is_adapted_on_queries_and_ffn():
     assert torch.allclose(bert(input_ids=ids).last_hidden_state, before, atol=1e-5)
     trainable = [n for n, p in bert.named_parameters() if p.requires_grad]
     assert trainable and all(".adapter." in n for n in trainable)
+
+
+def test_teacher_qformer_is_adapted_on_queries_and_ffn():
+    from fmri2text.models.teacher import QFormer
+
+    torch.manual_seed(0)
+    qformer = QFormer(n_queries=4, hidden=32, layers=2, heads=2, intermediate=64,
+                      encoder_width=24).eval()
+    enc = torch.randn(3, 5, 24)  # (N, K, c) patch tokens
+    before = qformer(enc)
+    names = inject_adapters(qformer, QFORMER_PATTERNS, rank=4)
+    assert {"layer.0.attention.attention.query", "layer.0.crossattention.attention.query",
+            "layer.1.intermediate_query.dense", "layer.1.output_query.dense"} <= set(names)
+    assert not any(n.endswith(".key") or n.endswith(".value") for n in names)
+    assert torch.allclose(qformer(enc), before, atol=1e-6)  # B zero-initialised: same model
+    trainable = [n for n, p in qformer.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapter." in n for n in trainable)
