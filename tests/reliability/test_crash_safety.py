@@ -171,3 +171,59 @@ def test_sigkill_during_simulate_then_rerun(tmp_path: Path, reference, seed: int
     assert r.returncode == 0, r.stderr
     assert _without_timing(snapshot(out), out) == ref_tree
     assert _no_temp_files(out)
+
+
+# ----------------------------------------------------------------------------- SIGKILL prepare
+
+
+def _start_prepare(bids: Path, out: Path) -> tuple[subprocess.Popen, float]:
+    """Start ``prepare``; return the process and the time it first wrote into ``out``."""
+    p = subprocess.Popen([sys.executable, "-m", "fmri2text.cli", "prepare", "--bids", str(bids),
+                          "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=cli_env())
+    while p.poll() is None and not (out.is_dir() and any(out.iterdir())):
+        time.sleep(0.01)
+    return p, time.monotonic()
+
+
+def _store_tree(out: Path) -> dict[str, str]:
+    """The prepared folder's files, without the lock and without wall-clock fields."""
+    tree = {k: v for k, v in snapshot(out).items() if not k.endswith(".lock")}
+    if "manifest.json" in tree:
+        manifest = json.loads((out / "manifest.json").read_text())
+        for key in ("created", "seconds", "timings", "out"):
+            manifest.pop(key, None)
+        tree["manifest.json"] = json.dumps(manifest, sort_keys=True)
+    return tree
+
+
+@pytest.fixture(scope="module")
+def prepared_reference(tmp_path_factory) -> tuple[Path, dict, float]:
+    """A simulated dataset and its uninterrupted ``prepare``: output and writing time."""
+    root = tmp_path_factory.mktemp("prep")
+    bids = root / "bids"
+    sim = ["simulate.subjects=4", "simulate.runs=1", "simulate.classes=3", "simulate.resolution=4",
+           "simulate.web_clips=1", "simulate.seed=5"]
+    assert run_cli("simulate", "--out", bids, *sim).returncode == 0
+    p, first_write = _start_prepare(bids, root / "ref")
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    return bids, _store_tree(root / "ref"), time.monotonic() - first_write
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.15, 0.3])  # its writes end early
+def test_sigkill_during_prepare_then_rerun(tmp_path: Path, prepared_reference, fraction: float):
+    """Killed at several points of its writing phase, ``prepare`` reruns to the same store."""
+    bids, ref_tree, writing_seconds = prepared_reference
+    out = tmp_path / "prepared"
+    p, _ = _start_prepare(bids, out)
+    time.sleep(fraction * writing_seconds)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, "prepare ended before the kill: no crash point tested"
+    if (out / "manifest.json").is_file():  # the manifest is written last: the store is whole
+        assert _store_tree(out) == ref_tree
+    r = subprocess.run([sys.executable, "-m", "fmri2text.cli", "prepare", "--bids", str(bids),
+                        "--out", str(out)], capture_output=True, text=True, env=cli_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _store_tree(out) == ref_tree
+    assert _no_temp_files(out)
