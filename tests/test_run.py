@@ -229,3 +229,48 @@ def test_external_teacher_keeps_its_evaluation_in_the_run(tmp_path, monkeypatch)
     assert record["external"] is True
     copied = list(run.rglob("teacher_eval.json"))
     assert len(copied) == 1 and _json.loads(copied[0].read_text())["video2text"]["bleu1"] == 50.0
+
+
+def _annotation_store(folder: Path) -> tuple[dict, dict]:
+    """(the JSON index, {tensor name: tensor}) of a run's training annotation store."""
+    from safetensors.torch import load_file
+
+    (index,) = folder.glob("annotations-*.json")
+    return json.loads(index.read_text()), load_file(index.with_suffix(".safetensors"))
+
+
+def test_sigkill_during_annotate_then_rerun(tmp_path, finished_run, tiny_llm_dir):
+    """Killed at random points, ``annotate`` reruns to the store an uninterrupted run wrote."""
+    import random
+    import shutil
+    import signal
+    import time
+
+    import torch
+
+    out, _, _ = finished_run
+    args = [*TINY, f"teacher.llm={tiny_llm_dir}"]
+    ref_index, ref_tensors = _annotation_store(out / "annotations")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    t = time.monotonic()
+    assert cli("--version").returncode == 0
+    startup = time.monotonic() - t
+    for seed in range(2):
+        run = tmp_path / f"run{seed}"
+        shutil.copytree(out / "teacher", run / "teacher")
+        cmd = [sys.executable, "-m", "fmri2text.cli", "annotate", "--bids", str(out / "bids"),
+               "--run", str(run), *map(str, args)]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(startup + random.Random(seed).uniform(0.5, 4.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not list(run.rglob("*.tmp")), "a half-written file was left behind"
+        r = cli("annotate", "--bids", out / "bids", "--run", run, *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        index, tensors = _annotation_store(run / "annotations")
+        assert index["rows"] == ref_index["rows"]
+        assert tensors.keys() == ref_tensors.keys()
+        # the answers are identical; video tokens match up to float summation order (a rerun
+        # batches only the clips the killed run had not stored)
+        diffs = {k: float((tensors[k].float() - ref_tensors[k].float()).abs().max()) for k in tensors}
+        assert max(diffs.values()) < 1e-4, diffs
