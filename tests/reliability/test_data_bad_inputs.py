@@ -242,3 +242,41 @@ def test_bad_clip_names_the_file(tmp_path: Path, name: str):
 
 def test_good_clip_reads(tmp_path: Path):
     assert read_frames(_mp4(tmp_path / "ok.mp4"), n_frames=4, size=16).shape == (4, 3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def prepare_results(tmp_path_factory) -> dict:
+    """Every data case above through the real CLI's ``prepare``, in one batch process."""
+    from .conftest import run_cli_batch
+
+    runs = {}
+    for name, setup in DATA_CASES.items():
+        work = tmp_path_factory.mktemp(f"cli-{name}")
+        root = make_had(work / "ds", subjects=("01", "02"), runs=1, n_trials=10, n_volumes=40)
+        at_fault = setup(root)
+        argv = ["prepare", "--bids", root, "--out", work / "prepared", "data.workers=1",
+                "split.n_heldout=1"]
+        runs[name] = (argv, work, at_fault)
+    results = run_cli_batch([(argv, work) for argv, work, _ in runs.values()],
+                            tmp_path_factory.mktemp("batch") / "prepare.json")
+    return {name: (r, work, at_fault) for (name, (_, work, at_fault)), r in
+            zip(runs.items(), results)}
+
+
+@pytest.mark.parametrize("name", list(DATA_CASES))
+def test_bad_data_through_the_cli(prepare_results: dict, name: str):
+    """``fmri2text prepare`` on each broken dataset: exit 2, one message, no usable store.
+
+    Subjects finished before the broken one keep their (complete, renamed-into-place) folders
+    so the rerun after the fix recomputes only the broken subject; the store stays unusable
+    (no manifest), and no half-written or lock file is left.
+    """
+    from .conftest import assert_clear_user_error
+
+    r, work, at_fault = prepare_results[name]
+    assert_clear_user_error(r, at_fault.name)
+    prepared = work / "prepared"
+    assert not (prepared / "manifest.json").exists()
+    leftovers = [p for p in prepared.rglob("*") if p.is_file() and
+                 (p.suffix == ".tmp" or p.name.endswith(".lock") or p.parent == prepared)]
+    assert not leftovers, leftovers

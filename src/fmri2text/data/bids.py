@@ -204,7 +204,8 @@ def _check_row_lengths(path: str) -> None:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise UserError(f"cannot parse the events file: {err}", path=path,
+        detail = str(err).strip().replace("C error: ", "")  # pandas' parser prefix
+        raise UserError(f"cannot parse the events file: {detail}", path=path,
                         fix="save the file as UTF-8 text, tab-separated, with a header row") from None
     lines = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
     if not lines:
@@ -224,7 +225,8 @@ def _read_events(path: str) -> pd.DataFrame:
         df = pd.read_csv(path, sep="\t", na_values=["n/a", ""], keep_default_na=False,
                          dtype={"stim_file": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot parse the events file: {err}", path=path,
+        detail = str(err).strip().replace("C error: ", "")  # pandas' parser prefix
+        raise UserError(f"cannot parse the events file: {detail}", path=path,
                         fix="write a tab-separated table with a header row") from None
     missing = [c for c in ("onset", "duration", "stim_file") if c not in df.columns]
     if missing:

@@ -32,7 +32,6 @@ Design:
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import io
@@ -56,7 +55,7 @@ from fmri2text.data.bids import load_trials
 from fmri2text.data.fmri import _grid, extract_responses
 from fmri2text.data.splits import assign_splits, check_leakage
 from fmri2text.errors import UserError
-from fmri2text.io import ensure_output_dir, write_bytes, write_json, write_text
+from fmri2text.io import run_lock, write_bytes, write_json, write_text
 
 FORMAT = "fmri2text-store/1"
 CHUNK_BYTES = 16 << 20  # target chunk size when data.store_chunk_rows = 0
@@ -278,15 +277,9 @@ def prepare(bids: str | Path, out: str | Path, cfg: Config, log: Callable[[str],
     inputs = _sha256_json({"format": FORMAT, "settings": settings, "sources": list(prints.values()),
                            "trials_sha256": hashlib.sha256(tsv.encode()).hexdigest()})
 
-    ensure_output_dir(out)
-    with open(out / ".prepare.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError("another fmri2text prepare is writing this folder", path=out,
-                            fix="wait for it to finish, or choose another --out") from None
+    with run_lock(out, "prepare"):  # the same folder lock as every other writing command
         return _prepare_locked(out, all_trials, table, tsv, cfg, prints, settings, inputs, log,
-                                   verify)
+                               verify)
 
 
 def _prepare_locked(out: Path, all_trials: pd.DataFrame, table: pd.DataFrame, tsv: str, cfg: Config,
