@@ -274,3 +274,26 @@ def test_sigkill_during_annotate_then_rerun(tmp_path, finished_run, tiny_llm_dir
         # batches only the clips the killed run had not stored)
         diffs = {k: float((tensors[k].float() - ref_tensors[k].float()).abs().max()) for k in tensors}
         assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_annotate_refuses_a_corrupt_clip(tmp_path, finished_run, tiny_llm_dir):
+    """A training clip that is not a video: exit 2, one message naming the file."""
+    import shutil
+
+    out, _, _ = finished_run
+    bids = tmp_path / "bids"
+    shutil.copytree(out / "bids", bids)
+    trials = pd.read_csv(out / "prepared" / "trials.tsv", sep="\t") \
+        if (out / "prepared" / "trials.tsv").is_file() else None
+    clips = sorted((bids / "stimuli").rglob("*.mp4"))
+    if trials is not None:
+        train = set(trials.loc[trials["split"] == "train", "stim_file"])
+        clips = [c for c in clips if str(c.relative_to(bids / "stimuli")) in train]
+    broken = clips[0]
+    broken.write_bytes(b"not an mp4 at all")
+    run = tmp_path / "run"
+    shutil.copytree(out / "teacher", run / "teacher")
+    r = cli("annotate", "--bids", bids, "--run", run, *TINY, f"teacher.llm={tiny_llm_dir}")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and broken.name in r.stderr.replace("\n", "")
+    assert "fix:" in r.stderr
