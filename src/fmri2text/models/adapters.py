@@ -26,6 +26,7 @@ from torch import nn
 
 from fmri2text.errors import UserError
 from fmri2text.io import atomic_path
+from fmri2text.models.state import check_state
 
 #: Our SC-MBM encoder: attention query projections and both MLP linears.
 ENCODER_PATTERNS = (r"attn\.query$", r"mlp\.fc1$", r"mlp\.fc2$")
@@ -146,16 +147,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise UserError(f"not a readable safetensors file ({err})", path=path,
                         fix="pass a file written by save_adapters") from None
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(f"adapter keys do not match the model: missing {missing[:8]}, "
-                        f"unexpected {unexpected[:8]}", path=path,
-                        fix="inject adapters with the same patterns as when the file was saved")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise UserError(f"adapter tensor '{k}' has shape {tuple(v.shape)}, the model "
-                            f"expects {tuple(own[k].shape)}", path=path,
-                            fix="inject adapters with the rank used when the file was saved")
+    check_state(own, state, path, what="adapter",
+                keys_fix="inject adapters with the same patterns as when the file was saved",
+                shape_fix="inject adapters with the rank used when the file was saved")
     model.load_state_dict(state, strict=False)
     return json.loads(meta.get("extra", "{}"))

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from fmri2text.config import EncoderConfig
 from fmri2text.errors import UserError
 from fmri2text.io import atomic_path
+from fmri2text.models.state import check_state
 from fmri2text.models.tokenizer3d import Tokenizer, build_tokenizer
 
 
@@ -306,16 +307,7 @@ def load_mae(path: str | Path) -> BrainMAE:
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """load_state_dict(strict) with a UserError naming file, key and shapes on mismatch."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(f"checkpoint keys do not match the model: missing {missing[:10]}, "
-                        f"unexpected {unexpected[:10]}", path=path,
-                        fix="use a checkpoint written for this encoder configuration")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"checkpoint tensor '{k}' has shape {tuple(v.shape)}, the model "
-                            f"expects {tuple(own[k].shape)}", path=path,
-                            fix="build the encoder with the sizes the checkpoint was trained with")
+    check_state(model.state_dict(), state, path, what="checkpoint",
+                keys_fix="use a checkpoint written for this encoder configuration",
+                shape_fix="build the encoder with the sizes the checkpoint was trained with")
     model.load_state_dict(state)
