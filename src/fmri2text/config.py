@@ -200,6 +200,14 @@ class TeacherConfig:
     cross_attention_frequency: int = 1
     token_norm: bool = True  # rescale video tokens to the LLM embedding std
     system_prompt: str = "You describe short videos."  # '' keeps the template default
+    # stage 1 (BLIP-2's image-text contrastive, ITC): pooled video-Q-Former output vs the
+    # frozen sentence embedding of a caption; makes the queries discriminative before the
+    # slow captioning stage. 0 steps skips it (a loaded pretrained Q-Former needs none).
+    itc_steps: int = 100
+    itc_batch_size: int = 32
+    itc_lr: float = 3e-4
+    itc_tau: float = 0.07  # BLIP-2's initial ITC temperature
+    # stage 2 (captioning through the frozen LLM)
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3

@@ -96,6 +96,24 @@ def test_training_lowers_loss_and_checkpoint_roundtrips(tmp_path, teacher):
     teacher.load_trainable_state_dict(before)  # restore for other tests
 
 
+def test_itc_stage_aligns_queries_with_captions_and_leaves_the_projection(teacher):
+    """BLIP-2 stage 1: the contrastive loss falls, Q-Formers move, llama_proj does not."""
+    torch.manual_seed(0)
+    feats = torch.randn(8, 2, 4, 1280)
+    caps = [[f"a {c} {s} is {a} ."] for c, s, a in zip(
+        ["red", "blue", "green", "white"] * 2, ["ball", "cube", "star", "ring"] * 2,
+        ["bouncing"] * 4 + ["spinning"] * 4)]
+    before = {k: v.clone() for k, v in teacher.trainable_state_dict().items()}
+    tcfg = TeacherConfig(itc_steps=40, itc_batch_size=8, itc_lr=3e-3, seed=0)
+    itc = tt.contrastive_steps(teacher, feats, caps, tcfg, log=lambda *a: None)
+    assert itc["steps"] == 40 and np.mean(itc["losses"][-5:]) < np.mean(itc["losses"][:5]) - 0.5
+    after = teacher.trainable_state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("llama_proj"))
+    assert not torch.equal(after["video_qformer.query_tokens"], before["video_qformer.query_tokens"])
+    assert tt.contrastive_steps(teacher, feats, caps, TeacherConfig(itc_steps=0))["losses"] == []
+    teacher.load_trainable_state_dict(before)  # restore for other tests
+
+
 def test_split_is_disjoint_and_seeded():
     a, b = tt.split_clips(10, 0.2, seed=1)
     assert len(b) == 2 and not set(a) & set(b) and set(a) | set(b) == set(range(10))

@@ -230,8 +230,8 @@ class VideoLLaMATeacher(nn.Module):
         feats = self.visual_encoder.features(frames.flatten(0, 1))  # (B*F, P, C)
         return feats.view(B, F, *feats.shape[1:])
 
-    def video_tokens_from_features(self, feats: Tensor) -> Tensor:
-        """Cached backbone features (B, F, P, C) -> video tokens (B, L, d_llm)."""
+    def video_queries_from_features(self, feats: Tensor) -> Tensor:
+        """Cached backbone features (B, F, P, C) -> video Q-Former output (B, L, h)."""
         B, F, P, C = feats.shape
         if F > self.frame_position_embedding.num_embeddings:
             raise ValueError(f"{F} frames exceed max_frames={self.frame_position_embedding.num_embeddings}")
@@ -240,8 +240,11 @@ class VideoLLaMATeacher(nn.Module):
         q = q.view(B, F, q.shape[1], q.shape[2])  # (B, F, Qi, h)
         pos = self.frame_position_embedding(torch.arange(F, device=q.device))  # (F, h)
         q = (q + pos[None, :, None, :]).flatten(1, 2)  # (B, F*Qi, h)
-        v = self.video_qformer(q)  # (B, L, h)
-        tokens = self.llama_proj(v)  # (B, L, d_llm)
+        return self.video_qformer(q)  # (B, L, h)
+
+    def video_tokens_from_features(self, feats: Tensor) -> Tensor:
+        """Cached backbone features (B, F, P, C) -> video tokens (B, L, d_llm)."""
+        tokens = self.llama_proj(self.video_queries_from_features(feats))  # (B, L, d_llm)
         if self.token_norm:
             tokens = nn.functional.layer_norm(tokens, tokens.shape[-1:]) * self.token_scale
         return tokens
@@ -347,7 +350,8 @@ PRESETS: dict[str, dict] = {
     "videollama2-7b": dict(vision="eva-vit-g", image_size=224, n_frames=8, bert="none",
                            qformer_hidden=768, qformer_heads=12, image_queries=32, image_layers=12,
                            video_queries=32, video_layers=2, max_frames=32,
-                           cross_attention_frequency=2, token_norm=False, system_prompt=""),
+                           cross_attention_frequency=2, token_norm=False, system_prompt="",
+                           itc_steps=0),  # the published Q-Formers are already aligned
 }
 VISION_EVA = "eva-vit-g"
 

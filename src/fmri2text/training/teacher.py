@@ -3,8 +3,10 @@
 setup   : list ``<bids>/derivatives/simulation/webclips/*.mp4`` + ``captions.json``, split
           off held-out clips, cache the frozen backbone's features (safetensors), build the
           teacher (frozen backbone + frozen LLM, trainable Q-Formers / positions / projection)
-train   : AdamW on the answer-token cross-entropy of a random caption given a random
-          instruction, bf16 autocast where the LLM runs in bf16
+train   : stage 1 (BLIP-2's ITC): the Q-Formers' pooled output vs frozen sentence embeddings
+          of the captions, no LLM (``itc_steps``); stage 2: AdamW on the answer-token
+          cross-entropy of a random caption given a random instruction through the frozen
+          LLM, bf16 autocast where the LLM runs in bf16
 save    : ``teacher.safetensors`` (trainable weights, config in the metadata) + ``teacher.json``
 evaluate: Video2Text of held-out clips vs the LLM with no video tokens, both against the
           true captions -> ``teacher_eval.json`` {"video2text": METRICS, "no_video": METRICS}
@@ -143,6 +145,55 @@ def split_clips(n: int, heldout_fraction: float, seed: int) -> tuple[np.ndarray,
 
 
 # ----------------------------------------------------------------------------- recipe
+
+
+def contrastive_steps(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[list[str]],
+                      tcfg: TeacherConfig, log: Callable = print) -> dict:
+    """Stage 1, BLIP-2's image-text contrastive (ITC) objective on the Q-Formers.
+
+    The video Q-Former's output, mean-pooled over queries and mapped by a linear head to
+    the sentence-embedding width, is contrasted (symmetric InfoNCE, τ = ``itc_tau``) with
+    the frozen MiniLM sentence embedding of a random caption of the same clip, against
+    the other clips of the batch. BLIP-2 contrasts with its own text transformer; the
+    frozen sentence encoder is the CPU-budget stand-in of the same objective. The head
+    is discarded afterwards; the Q-Formers keep what they learnt. Returns the loss curve.
+    """
+    from fmri2text.losses import ClipLoss
+    from fmri2text.models.sentence import SentenceEmbedder
+
+    if tcfg.itc_steps <= 0:
+        return {"steps": 0, "seconds": 0.0, "losses": []}
+    t0 = time.perf_counter()
+    flat = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    text = torch.from_numpy(SentenceEmbedder().encode(flat)).float()  # (n_captions, E)
+    rng = random.Random(tcfg.seed)
+    torch.manual_seed(tcfg.seed)
+    head = torch.nn.Linear(teacher.video_qformer.hidden, text.shape[1])
+    itc = ClipLoss(tau=tcfg.itc_tau)
+    params = [p for n, p in teacher.named_parameters()
+              if n.startswith(("ln_vision", "image_qformer", "frame_position_embedding", "video_qformer"))]
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=tcfg.itc_lr,
+                            weight_decay=tcfg.weight_decay)
+    by_clip = [torch.nonzero(owner == i).flatten().tolist() for i in range(len(captions))]
+    batch = min(tcfg.itc_batch_size, len(captions))
+    teacher.train()
+    losses = []
+    for step in range(tcfg.itc_steps):
+        idx = rng.sample(range(len(captions)), batch)  # distinct clips: one positive per row
+        cap = [rng.choice(by_clip[i]) for i in idx]
+        video = head(teacher.video_queries_from_features(feats[idx]).mean(1))  # (b, E)
+        loss = itc(video, text[cap])["clip"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 25 == 0 or step == tcfg.itc_steps - 1:
+            log(f"teacher ITC step {step + 1}/{tcfg.itc_steps} loss {losses[-1]:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    teacher.eval()
+    return {"steps": tcfg.itc_steps, "seconds": time.perf_counter() - t0, "losses": losses}
 
 
 def train_steps(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[list[str]],
@@ -315,6 +366,7 @@ def fit_teacher(bids_root: str | Path, out_dir: str | Path, cfg: Config,
     load_s = time.perf_counter() - t0
     feats = cached_features(teacher, clips, tcfg, llm_mod.cache_dir() / "features", log)
     caps = [c.captions for c in clips]
+    itc = contrastive_steps(teacher, feats[train_idx], [caps[i] for i in train_idx], tcfg, log)
     fit = train_steps(teacher, feats[train_idx], [caps[i] for i in train_idx], tcfg, log)
     ckpt = save_checkpoint(teacher, out_dir, tcfg)
     ev = evaluate(teacher, feats[test_idx], [caps[i] for i in test_idx], cfg)
@@ -322,7 +374,8 @@ def fit_teacher(bids_root: str | Path, out_dir: str | Path, cfg: Config,
     record = {"checkpoint": ckpt.name, "checkpoint_hash": checkpoint_hash(ckpt),
               "n_train_clips": len(train_idx), "n_heldout_clips": len(test_idx),
               "heldout_clips": [clips[i].path.name for i in test_idx],
-              "load_seconds": load_s, "train_seconds": fit["seconds"],
+              "load_seconds": load_s, "itc_seconds": itc["seconds"], "itc_losses": itc["losses"],
+              "train_seconds": fit["seconds"],
               "seconds_per_step": fit["seconds"] / max(fit["steps"], 1),
               "final_loss": float(np.mean(fit["losses"][-10:])) if fit["losses"] else None,
               "losses": fit["losses"], "config": dataclasses.asdict(tcfg),
