@@ -252,7 +252,8 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
             f"(chance {before['chance_top1']:.3f})")
 
     optimizer = loop.adamw(model, settings)
-    wrapped = accelerator.prepare_model(model)
+    # model and optimizer together: DeepSpeed/FSDP configs shard or wrap both
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
     sampler = ResumableBatchSampler(len(train), s1.batch_size, s1.seed,
                                     rank=accelerator.process_index,
                                     world=accelerator.num_processes)

@@ -184,7 +184,8 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
         feats = pooled_z(student, adapt, eval_bs)
         loss.dance.memory.fill(feats, torch.arange(len(adapt)))
     optimizer = loop.adamw(model, settings)
-    wrapped = accelerator.prepare_model(model)
+    # model and optimizer together: DeepSpeed/FSDP configs shard or wrap both
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     src_batches = ResumableBatchSampler(len(src), s2.batch_size, s2.seed, rank=rank, world=world)
     tgt_batches = ResumableBatchSampler(max(len(adapt), 1), s2.target_batch_size, s2.seed + 1,
