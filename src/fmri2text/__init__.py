@@ -1,3 +1,16 @@
-"""fmri2text: decode what a person saw in a video from their fMRI, as text, across subjects."""
+"""fmri2text: decode what a person saw in a video from their fMRI, as text, across subjects.
+
+``from fmri2text import Decoder`` gives the Python API (:mod:`fmri2text.api`); it is imported
+on first use, so ``import fmri2text`` stays cheap (no torch, no transformers).
+"""
 
 __version__ = "0.1.0"
+__all__ = ["Decoder", "export_run_model", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("Decoder", "export_run_model"):
+        from fmri2text import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fmri2text' has no attribute {name!r}")

@@ -232,7 +232,7 @@ def run_all(bids: Optional[Path] = typer.Option(None, "--bids", help="Root of th
             config: Optional[Path] = CONFIG_OPT,
             overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
     """Every step, skipping those whose inputs and config are unchanged: prepare → teacher fit
-    → annotate → pretrain-mbm → stage1 → stage2 → decode → evaluate → report."""
+    → annotate → pretrain-mbm → stage1 → stage2 → decode → evaluate → report → export (RUN/model)."""
     from fmri2text.pipeline import run_pipeline
 
     cfg = _load(config, overrides)

@@ -157,12 +157,16 @@ def _saliency(student, data, positions: np.ndarray, batch: int) -> np.ndarray:
 
 def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = None,
                log: Log = print) -> dict:
-    """Decode the held-out subjects' test trials; write predictions, controls and extras."""
+    """Decode the held-out subjects' test trials; write predictions, controls and extras.
+
+    The student forward and generation go through :class:`fmri2text.api.Decoder`, the same
+    code as ``Decoder.from_pretrained(RUN/model).decode(...)``.
+    """
+    from fmri2text.api import Decoder
     from fmri2text.data.datasets import TrialWindows, load_windows, split_rows
     from fmri2text.evaluation.baselines import RidgeBaseline
     from fmri2text.evaluation.evaluate import shuffle_within_subject
-    from fmri2text.models import llm as llm_mod
-    from fmri2text.training.stage1 import load_student, load_targets
+    from fmri2text.training.stage1 import load_targets
 
     run = Path(run)
     student_path = check_student(run, cfg)
@@ -183,36 +187,21 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     test = TrialWindows(windows, test_idx)
     subjects = test.subjects
     video2text, cand, distinct = _eval_answers(run, digest, list(test.clips), instruction)
-    student, info = load_student(student_path)
-    if tuple(info["input_shape"]) != tuple(test.input_shape):
-        raise UserError(f"the student reads windows of shape {tuple(info['input_shape'])}, the "
-                        f"data gives {tuple(test.input_shape)}", path=student_path,
-                        fix="decode the dataset it was trained on, or retrain on this one")
-    student.eval()
+    decoder = Decoder.from_run(run, cfg, feature_mask=windows.feature_mask, grid=windows.grid)
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pos = np.arange(len(test))
-    with torch.no_grad():
-        z = torch.cat([student(test.fmri(pos[s:s + p.decode_batch_size]))
-                       for s in range(0, len(pos), p.decode_batch_size)]).float()  # (n, L, d)
-    saliency = _saliency(student, test, pos, p.decode_batch_size)
-    llm, tok = llm_mod.load_llm(cfg.teacher.llm, cfg.teacher.llm_dtype)
-    if z.shape[-1] != llm.get_input_embeddings().weight.shape[1]:
-        raise UserError(f"the student outputs width {z.shape[-1]}, the LLM is "
-                        f"{llm.get_input_embeddings().weight.shape[1]} wide", path=student_path,
-                        fix="use the LLM of the teacher it was trained against (teacher.llm)")
-    gen = dict(max_new_tokens=p.decode_max_new_tokens, greedy=p.decode_greedy,
-               seed=cfg.evaluation.seed, batch_size=p.decode_batch_size,
-               system=cfg.teacher.system_prompt or None)
+    z = decoder.fmri_tokens(windows.data, test_idx)  # (n, L, d)
+    saliency = _saliency(decoder.student, test, pos, p.decode_batch_size)
     instrs = [instruction] * len(test)
     log(f"decode: {len(test)} test trials of {len(set(subjects))} held-out subject(s)")
-    decoded = llm_mod.generate(llm, tok, z, instrs, **gen)
+    decoded = decoder.generate(z, instrs)
     timings["decode"] = time.perf_counter() - t
     t = time.perf_counter()
     z_shuffled = torch.from_numpy(shuffle_within_subject(z.numpy(), subjects, cfg.evaluation.seed))
-    shuffled = llm_mod.generate(llm, tok, z_shuffled, instrs, **gen)
-    prior = llm_mod.generate(llm, tok, None, instrs[:1], **gen)[0]
+    shuffled = decoder.generate(z_shuffled, instrs)
+    prior = decoder.generate(None, instrs[:1])[0]
     timings["controls_llm"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -243,7 +232,8 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
               "student_hash": _file_hash(student_path), "teacher_hash": digest,
               "instruction": instruction, "n_test_trials": len(test),
               "reference": "video2text" if video2text[0] is not None else "truth",
-              "prompt_only_answer": prior, "generation": {k: v for k, v in gen.items()},
+              "prompt_only_answer": prior, "generation": decoder.generation_kwargs(),
+              "mask_sha256": decoder.preprocessing.mask_sha256(),
               "timings_s": {k: round(v, 2) for k, v in timings.items()},
               "pipeline": dataclasses.asdict(p)}
     write_json(run / "decode.json", record)

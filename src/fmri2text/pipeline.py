@@ -227,6 +227,8 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
                "evaluation.seed", "stage1.annotations"),
     "evaluate": ("evaluation",),
     "report": (),
+    "export": ("seed", "data", "split", "encoder", "loss", "stage2", "teacher", "pipeline",
+               "evaluation"),
 }
 
 
@@ -354,7 +356,8 @@ class RunResult:
 def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = False,
                  log: Log = _noop) -> RunResult:
     """prepare → teacher fit → annotate → pretrain-mbm → stage1 → stage2 → decode →
-    evaluate → report into the run directory ``out``, skipping unchanged steps.
+    evaluate → report → export (``out/model``) into the run directory ``out``, skipping
+    unchanged steps.
 
     With ``simulate`` the dataset is first simulated into ``out/bids`` (reused when the
     simulate config is unchanged). The teacher step runs when the dataset has the
@@ -364,6 +367,7 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
     from fmri2text import decoding, steps
     from fmri2text.data.store import prepare
     from fmri2text.evaluation.evaluate import format_table
+    from fmri2text.model_card import export_run_model
     from fmri2text.report.html import build_report
     from fmri2text.training.stage1 import train_stage1
     from fmri2text.training.stage2 import train_stage2
@@ -414,6 +418,9 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
              ["decode"], reads_dataset=False),
         Step("report", lambda: build_report(out, dataset_root=bids), ["report.html"],
              ["evaluate"], reads_dataset=False),
+        # the decoder as a shareable folder (fmri2text.Decoder.from_pretrained(RUN/model))
+        Step("export", lambda: export_run_model(out, cfg), ["model/config.json"],
+             ["prepare", "teacher", "stage2", "evaluate"], reads_dataset=False),
     ]
     for i, step in enumerate(plan, 1):
         if step.name == "annotate":  # its files are named by the teacher's hash

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from fmri2text.config import Config
+from fmri2text.config import Config, DataConfig
 from fmri2text.errors import UserError
 
 SPLITS = ("train", "adapt", "test")
@@ -53,23 +53,48 @@ class FmriWindows:
     grid: tuple[int, int, int] | None
 
 
+def window_responses(trials: pd.DataFrame, data: DataConfig):
+    """Every trial's window (n, T, F) as the student reads it, from the rows of ``trials``.
+
+    The one place where the data config becomes student input: :func:`load_windows` (training,
+    ``fmri2text decode``) and :class:`fmri2text.api.Decoder` (one run) both call it.
+
+    Parameters
+    ----------
+    trials : pandas.DataFrame
+        Trial-table rows (``bold_path``, ``onset``, ``tr``, optionally ``duration`` and
+        ``events_path``), as :func:`fmri2text.data.bids.load_trials` writes them.
+    data : DataConfig
+        The preprocessing settings; ``aggregate`` is ignored (windows are stacked).
+
+    Returns
+    -------
+    fmri2text.data.fmri.Responses
+        ``data`` is (n, T, F) float32 (single-trial betas: T = 1), ``feature_mask`` the
+        voxels good in every run of ``trials``.
+    """
+    from fmri2text.data.fmri import extract_responses
+
+    # volume windows for the 3D tokenizer; single-trial betas have no window axis
+    aggregate = "stack" if data.response == "window" else "mean"
+    responses = extract_responses(trials, dataclasses.replace(data, aggregate=aggregate))
+    x = responses.data
+    if x.ndim == 2:  # (n, F): betas, seen as a window of one volume
+        x = x[:, None, :]
+    return dataclasses.replace(responses, data=np.ascontiguousarray(x, dtype=np.float32),
+                               feature_mask=np.asarray(responses.feature_mask, bool))
+
+
 def load_windows(bids: str | Path, cfg: Config) -> FmriWindows:
     """Trials of ``bids`` with splits (leakage checked) and their (T, F) windows."""
     from fmri2text.data.bids import load_trials
-    from fmri2text.data.fmri import extract_responses
     from fmri2text.data.splits import assign_splits, check_leakage
 
     trials = assign_splits(load_trials(Path(bids), cfg.data), cfg.split)
     check_leakage(trials)
-    # volume windows for the 3D tokenizer; single-trial betas have no window axis
-    aggregate = "stack" if cfg.data.response == "window" else "mean"
-    responses = extract_responses(trials, dataclasses.replace(cfg.data, aggregate=aggregate))
-    data = responses.data
-    if data.ndim == 2:  # (n, F): betas, seen as a window of one volume
-        data = data[:, None, :]
+    responses = window_responses(trials, cfg.data)
     grid = None if responses.mask_img is None else tuple(int(s) for s in responses.mask_img.shape[:3])
-    return FmriWindows(trials.reset_index(drop=True), np.ascontiguousarray(data, dtype=np.float32),
-                       np.asarray(responses.feature_mask, bool), grid)
+    return FmriWindows(trials.reset_index(drop=True), responses.data, responses.feature_mask, grid)
 
 
 # ----------------------------------------------------------------------------- unmasking

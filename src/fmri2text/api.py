@@ -1,0 +1,499 @@
+"""The Python API: a trained decoder as one folder, loaded and used in a few lines.
+
+::
+
+    from fmri2text import Decoder
+
+    decoder = Decoder.from_pretrained("runs/demo/model")
+    texts = decoder.decode("sub-05_task-action_run-01_bold.nii.gz",
+                           events="sub-05_task-action_run-01_events.tsv")
+
+A decoder folder (format ``fmri2text-decoder``, version :data:`FORMAT_VERSION`) holds::
+
+    config.json          what rebuilds the student, names its frozen LLM and teacher, the
+                         preprocessing settings and fitted state, generation settings, and
+                         the sha256 of each file below
+    student.safetensors  the trained student (tokenizer, encoder + adaptors, projector)
+    mask.npy             the fitted brain mask: (n_grid,) bool, C order (no pickle)
+    README.md            the model card: training data, splits, metrics with controls, scorer
+
+Loading reads only these files, with JSON, ``np.load(allow_pickle=False)`` and safetensors:
+nothing in the folder is executed, other files (``*.pkl``, ``*.bin``, …) are never opened, and
+the LLM is loaded from its own location (``config.json`` names it and records its hash).
+``fmri2text run`` exports its final decoder to ``RUN/model`` with :func:`export_run_model`;
+``fmri2text decode`` decodes through the same :class:`Decoder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fmri2text import __version__
+from fmri2text.config import Config
+from fmri2text.data.preprocessing import Preprocessing, Trials
+from fmri2text.errors import UserError
+from fmri2text.io import write_json, write_text
+from fmri2text.model_card import export_run_model, usage_card  # noqa: F401 - re-exported
+
+FORMAT = "fmri2text-decoder"
+#: Version of the folder layout this fmri2text writes; it reads this version and older ones.
+FORMAT_VERSION = 1
+CONFIG_FILE, STUDENT_FILE, MASK_FILE, CARD_FILE = ("config.json", "student.safetensors",
+                                                     "mask.npy", "README.md")
+#: the folder's files whose sha256 ``config.json`` records and loading checks
+CHECKED_FILES = (STUDENT_FILE, MASK_FILE)
+_SECTIONS = ("student", "llm", "teacher", "preprocessing", "generation", "files")
+_REEXPORT = "re-export it (fmri2text run, or fmri2text.api.export_run_model) or copy it again"
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file's content. For safetensors: of its metadata and tensors in sorted
+    order, since the file's header order (a hash map's) differs from one save to the next."""
+    from fmri2text.models.llm import file_digest
+
+    if path.suffix != ".safetensors":
+        return file_digest(path)
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name)
+                h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to replace
+        raise UserError(f"not a readable safetensors file ({type(err).__name__}: {err})",
+                        path=path, fix=_REEXPORT) from None
+    return h.hexdigest()
+
+
+def llm_identity(name: str) -> dict:
+    """The frozen LLM's name and a sha256 over its weight and tokenizer files.
+
+    ``"smollm2"`` is identified by its GGUF (the file llm.py converts and keys its cache on);
+    a local folder by its ``*.safetensors``/``*.gguf``/``*.bin`` weights and tokenizer files.
+    """
+    from fmri2text.models import llm as llm_mod
+    from fmri2text.models.zoo import smollm2_gguf_path
+
+    if name == "smollm2":
+        path = smollm2_gguf_path()
+        return {"name": name, "sha256": llm_mod.file_digest(path), "files": [path.name]}
+    folder = Path(name).expanduser()
+    patterns = ("*.safetensors", "*.gguf", "*.bin", "tokenizer.json", "tokenizer.model",
+                "tokenizer_config.json")
+    files = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
+    if not files:
+        raise UserError("no weight files in the LLM folder", path=folder,
+                        fix="point teacher.llm (or llm=) at a transformers model folder")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}:{llm_mod.file_digest(p)}\n".encode())
+    return {"name": name, "sha256": h.hexdigest(), "files": [p.name for p in files]}
+
+
+def _student_meta(path: Path) -> tuple[dict[str, str], dict]:
+    """(raw safetensors metadata, the same JSON-decoded) of a student file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = dict(f.metadata() or {})
+        decoded = {k: (v if k == "format" else json.loads(v)) for k, v in raw.items()}
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to replace
+        raise UserError(f"not a safetensors student file ({type(err).__name__}: {err})",
+                        path=path, fix=_REEXPORT) from None
+    if raw.get("format") != "fmri2text-student":
+        raise UserError(f"not an fmri2text student (metadata format {raw.get('format')!r})",
+                        path=path, fix=_REEXPORT)
+    return raw, decoded
+
+
+class Decoder:
+    """A trained fMRI → text decoder: preprocessing, student, frozen LLM and generation settings.
+
+    Build one with :meth:`from_pretrained` (a saved folder) or :meth:`from_run` (a run
+    directory); :meth:`decode` turns one run's BOLD and its trials into one text per trial.
+
+    Parameters
+    ----------
+    student : fmri2text.models.student.Student
+        The trained student (its weights are used as they are; it is put in eval mode).
+    student_meta : dict
+        The student file's metadata (``format``, ``input_shape``, ``d_llm``, ``n_tokens``,
+        ``spec``, ``encoder``, ``adapted``, ``extra``) as strings, as safetensors stores it.
+    preprocessing : fmri2text.data.preprocessing.Preprocessing
+        The data settings and fitted mask that turn a run into the student's input.
+    llm : dict
+        ``name`` (``"smollm2"`` or a local folder), ``dtype``, and optionally ``sha256``
+        (checked when the LLM is loaded, see :func:`llm_identity`).
+    generation : dict
+        ``instruction`` (the default), ``max_new_tokens``, ``greedy``, ``seed``,
+        ``batch_size`` and ``system`` (the chat system prompt, or None).
+    teacher : dict, optional
+        The teacher the student was trained against (recorded, not needed to decode).
+    card : str, optional
+        The model card (README.md) text.
+    training : dict, optional
+        What it was trained and evaluated on (``run``, ``heldout_subjects``, ``test_runs``:
+        the held-out test runs' ``subject``, ``bold`` and ``events`` paths).
+    device : str or torch.device
+        Where the student and the LLM run.
+    source : path, optional
+        The student's file, named in error messages.
+    """
+
+    def __init__(self, student, student_meta: dict, preprocessing: Preprocessing, llm: dict,
+                 generation: dict, teacher: dict | None = None, card: str | None = None,
+                 training: dict | None = None, device: str | torch.device = "cpu",
+                 source: str | Path | None = None):
+        self.source = None if source is None else Path(source)
+        self.device = torch.device(device)
+        self.student = student.to(self.device).eval()
+        self.student_meta = dict(sorted(student_meta.items()))
+        self.preprocessing = preprocessing
+        self.llm_info = dict(llm)
+        self.generation = dict(generation)
+        self.teacher = dict(teacher or {})
+        self.card = card
+        self.training = dict(training or {})
+        self._llm = None
+        shape = tuple(json.loads(self.student_meta["input_shape"]))
+        if shape != preprocessing.input_shape:
+            raise UserError(f"the student reads windows of shape {shape}, the data gives "
+                            f"{preprocessing.input_shape}", path=self.source,
+                            fix="decode the dataset it was trained on, or retrain on this one")
+
+    # ------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_run(cls, run: str | Path, cfg: Config, *, feature_mask: np.ndarray | None = None,
+                 grid: Sequence[int] | None = None, affine: np.ndarray | None = None,
+                 device: str | torch.device = "cpu") -> "Decoder":
+        """The Stage II decoder of a run directory, with ``cfg``'s data and decoding settings.
+
+        Parameters
+        ----------
+        run : path
+            The run directory (``RUN/stage2/student.safetensors``, ``RUN/teacher``).
+        cfg : Config
+            The run's config (checked against the student, as ``fmri2text decode`` does).
+        feature_mask, grid, affine : optional
+            The brain mask the windows were extracted with; by default the prepared store's
+            (``RUN/prepared/mask.npy``, its manifest's grid, ``mask.nii.gz``'s affine).
+        device : str or torch.device
+            Where the student and the LLM run.
+        """
+        from fmri2text.decoding import check_student
+        from fmri2text.steps import teacher_checkpoint
+        from fmri2text.training.stage1 import load_student
+
+        run = Path(run)
+        student_path = check_student(run, cfg)
+        raw, _ = _student_meta(student_path)
+        student, _ = load_student(student_path)
+        if feature_mask is None:
+            prep = Preprocessing.from_prepared(run / "prepared", cfg.data)
+        else:
+            prep = Preprocessing(cfg.data, np.asarray(feature_mask, bool),
+                                 None if grid is None else tuple(int(g) for g in grid),
+                                 None if affine is None else np.asarray(affine, np.float64))
+        _, digest = teacher_checkpoint(run, cfg)
+        p = cfg.pipeline
+        generation = {"instruction": cfg.evaluation.instruction,
+                      "max_new_tokens": p.decode_max_new_tokens, "greedy": p.decode_greedy,
+                      "seed": cfg.evaluation.seed, "batch_size": p.decode_batch_size,
+                      "system": cfg.teacher.system_prompt or None}
+        teacher = {"checkpoint_hash": digest, "config": dataclasses.asdict(cfg.teacher)}
+        return cls(student, raw, prep, {"name": cfg.teacher.llm, "dtype": cfg.teacher.llm_dtype},
+                   generation, teacher, device=device, source=student_path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, llm: str | None = None,
+                        device: str | torch.device = "cpu", check_llm: bool = True) -> "Decoder":
+        """Load a decoder folder written by :meth:`save_pretrained` (or ``fmri2text run``).
+
+        Parameters
+        ----------
+        path : path
+            The folder (e.g. ``RUN/model``).
+        llm : str, optional
+            Where the frozen LLM is on this machine (``"smollm2"`` or a local folder), when
+            not where ``config.json`` names it; its hash must still match.
+        device : str or torch.device
+            Where the student and the LLM run.
+        check_llm : bool
+            Compare the LLM's files with the sha256 recorded at export (reads the weights
+            once when the LLM is first loaded).
+
+        Raises
+        ------
+        UserError
+            A missing or altered file, a config written by a newer fmri2text, a student
+            or mask that does not fit the config — naming the file and the fix.
+        """
+        from fmri2text.training.stage1 import load_student
+
+        folder = Path(path)
+        config = read_config(folder)
+        others = sorted(p.name for p in folder.iterdir()
+                        if p.name not in (CONFIG_FILE, CARD_FILE, *CHECKED_FILES))
+        if others:  # never opened: only the format's own files are read
+            warnings.warn(f"{folder}: ignored files that are not part of a decoder folder "
+                          f"(never loaded): {others}", stacklevel=2)
+        prep = Preprocessing.from_json(config["preprocessing"], folder / MASK_FILE)
+        student_path = folder / STUDENT_FILE
+        raw, decoded = _student_meta(student_path)
+        differ = [k for k in sorted(set(decoded) | set(config["student"]))
+                  if decoded.get(k) != config["student"].get(k)]
+        if differ:
+            k = differ[0]
+            raise UserError(f"the student file does not fit config.json: {k} is "
+                            f"{decoded.get(k)!r} in the file, {config['student'].get(k)!r} in "
+                            "config.json", path=student_path, fix=_REEXPORT)
+        student, _ = load_student(student_path)  # keys and shapes checked before copying
+        for name in CHECKED_FILES:
+            if _sha256(folder / name) != config["files"][name]:
+                raise UserError(f"{name} differs from the file config.json records (sha256)",
+                                path=folder / name, fix=_REEXPORT)
+        llm_info = dict(config["llm"])
+        if llm is not None:
+            llm_info["name"] = str(llm)
+        if not check_llm:
+            llm_info.pop("sha256", None)
+        card = folder / CARD_FILE
+        return cls(student, raw, prep, llm_info, config["generation"], config["teacher"],
+                   card.read_text(encoding="utf-8") if card.is_file() else None,
+                   config.get("training"), device=device, source=student_path)
+
+    def config(self) -> dict:
+        """The ``config.json`` content (without the file hashes)."""
+        return {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "fmri2text_version": __version__,
+                "student": {k: (v if k == "format" else json.loads(v))
+                            for k, v in self.student_meta.items()},
+                "llm": self.llm_info, "teacher": self.teacher,
+                "preprocessing": self.preprocessing.to_json(), "generation": self.generation,
+                "training": self.training}
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the decoder folder (see the module docstring); replaces ``path`` atomically.
+
+        The folder is written beside ``path`` and renamed onto it when complete, so a reader
+        sees the old decoder or the new one, never a mix. Returns ``path``.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and not (path / CONFIG_FILE).is_file() and any(path.iterdir()):
+            raise UserError("the folder is not empty and holds no decoder: not overwritten",
+                            path=path, fix="save to a new or empty folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
+            save_file(tensors, str(tmp / STUDENT_FILE), metadata=self.student_meta)
+            self.preprocessing.save_mask(tmp / MASK_FILE)
+            config = self.config()
+            config["files"] = {name: _sha256(tmp / name) for name in CHECKED_FILES}
+            write_json(tmp / CONFIG_FILE, config)
+            write_text(tmp / CARD_FILE, self.card or usage_card(config))
+            old = path.parent / f".old-{path.name}-{os.getpid()}"
+            if path.exists():
+                os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as err:
+            raise UserError(f"cannot write the decoder folder: {err.strerror}", path=path,
+                            fix="choose a folder you can write to, with free space") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    # ------------------------------------------------------------------------- decoding
+
+    def windows(self, bold, events: str | Path | None = None,
+                onsets: Sequence[float] | None = None, tr: float | None = None) -> Trials:
+        """One run's trials and their windows, preprocessed exactly as in training.
+
+        Parameters
+        ----------
+        bold : path or nibabel image
+            One run: a 4-D NIfTI (or CIFTI dtseries) on the decoder's grid.
+        events : path, optional
+            Its BIDS ``*_events.tsv`` (rows with ``stim_file`` n/a are skipped; onsets get
+            the dataset's offset rule, ``data.onset_offset``, as in training).
+        onsets : sequence of float, optional
+            Trial onsets in seconds from the start of the scan, instead of ``events``.
+        tr : float, optional
+            Repetition time in seconds; by default the BOLD JSON sidecar's, else the header's.
+
+        Returns
+        -------
+        fmri2text.data.preprocessing.Trials
+            ``table`` (one row per trial, in the events file's order) and ``data``
+            (n, T, F) float32 windows over the decoder's mask.
+        """
+        return self.preprocessing.windows(bold, events=events, onsets=onsets, tr=tr)
+
+    @torch.no_grad()
+    def fmri_tokens(self, data: np.ndarray, rows: Sequence[int] | None = None,
+                    batch_size: int | None = None) -> torch.Tensor:
+        """Student output Z (n, L, d_llm) float32 for windows ``data[rows]`` (n, T, F)."""
+        rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+        b = int(batch_size or self.generation["batch_size"])
+        crop = self.preprocessing.crop
+        out = []
+        for s in range(0, len(rows), b):
+            x = torch.from_numpy(np.asarray(data[rows[s:s + b]], dtype=np.float32))  # (B, T, F)
+            x = crop(x) if crop is not None else x  # (B, T, X', Y', Z') or (B, T, V)
+            out.append(self.student(x.to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.n_tokens, self.d_llm)
+
+    def embed(self, bold, events: str | Path | None = None, onsets: Sequence[float] | None = None,
+              *, pooled: bool = True, tr: float | None = None,
+              batch_size: int | None = None) -> np.ndarray:
+        """fMRI embeddings of one run's trials, for retrieval.
+
+        Parameters are those of :meth:`windows`. With ``pooled`` (default) returns the
+        L2-normalised mean of the fMRI tokens, (n, d_llm) — what ``RUN/retrieval.npz``
+        scores against the teacher's pooled video tokens; otherwise the tokens Z
+        themselves, (n, L, d_llm).
+        """
+        z = self.fmri_tokens(self.windows(bold, events, onsets, tr).data, batch_size=batch_size)
+        if pooled:
+            z = torch.nn.functional.normalize(z.mean(dim=1), dim=-1)
+        return z.numpy()
+
+    def decode(self, bold, events: str | Path | None = None, onsets: Sequence[float] | None = None,
+               instruction: str | None = None, batch_size: int | None = None,
+               tr: float | None = None) -> list[str]:
+        """One text per trial of one run: fMRI → student → frozen LLM (greedy by default).
+
+        Parameters
+        ----------
+        bold, events, onsets, tr
+            As in :meth:`windows`: the run and its trials (``events`` or ``onsets``).
+        instruction : str, optional
+            What to ask about each trial; default the one the decoder was evaluated with.
+        batch_size : int, optional
+            Trials per student forward and per batched generation.
+
+        Returns
+        -------
+        list of str
+            One answer per trial, in the order of :meth:`windows`' table.
+        """
+        instruction = self.generation["instruction"] if instruction is None else instruction
+        if not str(instruction).strip():
+            raise UserError("the instruction is empty", fix="pass instruction='Describe the video.'")
+        z = self.fmri_tokens(self.windows(bold, events, onsets, tr).data, batch_size=batch_size)
+        return self.generate(z, [instruction] * len(z), batch_size=batch_size)
+
+    def generate(self, z: torch.Tensor | None, instructions: list[str],
+                 batch_size: int | None = None) -> list[str]:
+        """Answers of the frozen LLM given fMRI tokens ``z`` (n, L, d) — or None: its prior."""
+        from fmri2text.models import llm as llm_mod
+
+        model, tokenizer = self.llm()
+        kwargs = {**self.generation_kwargs(), **({"batch_size": int(batch_size)} if batch_size else {})}
+        return llm_mod.generate(model, tokenizer, z, list(instructions), **kwargs)
+
+    def generation_kwargs(self) -> dict:
+        """Keyword arguments of :func:`fmri2text.models.llm.generate` (all but the inputs)."""
+        g = self.generation
+        return {"max_new_tokens": int(g["max_new_tokens"]), "greedy": bool(g["greedy"]),
+                "seed": int(g["seed"]), "batch_size": int(g["batch_size"]),
+                "system": g.get("system") or None}
+
+    def llm(self):
+        """The frozen LLM and its tokenizer, loaded (and checked) on first use."""
+        if self._llm is None:
+            from fmri2text.models import llm as llm_mod
+
+            info = self.llm_info
+            if info.get("sha256"):
+                found = llm_identity(info["name"])["sha256"]
+                if found != info["sha256"]:
+                    raise UserError(
+                        f"the LLM {info['name']!r} is not the one the decoder was trained with "
+                        f"(sha256 {found[:16]}…, recorded {info['sha256'][:16]}…)",
+                        path=info["name"], fix="pass llm= the folder of the LLM it was trained "
+                                               "with (see README.md), or check_llm=False")
+            model, tokenizer = llm_mod.load_llm(info["name"], info.get("dtype", "auto"))
+            width = model.get_input_embeddings().weight.shape[1]
+            if width != self.d_llm:
+                raise UserError(f"the student outputs width {self.d_llm}, the LLM "
+                                f"{info['name']!r} is {width} wide", path=self.source,
+                                fix="use the LLM of the teacher it was trained against "
+                                    "(teacher.llm)")
+            self._llm = (model.to(self.device), tokenizer)
+        return self._llm
+
+    @property
+    def d_llm(self) -> int:
+        """Width of the fMRI tokens (the LLM's embedding width)."""
+        return int(self.student_meta["d_llm"])
+
+    @property
+    def n_tokens(self) -> int:
+        """L, the number of fMRI tokens per trial."""
+        return int(self.student_meta["n_tokens"])
+
+    def __repr__(self) -> str:
+        return f"Decoder(input {self.preprocessing.input_shape}, {self.n_tokens} x {self.d_llm} tokens)"
+
+
+def read_config(folder: Path) -> dict:
+    """``config.json`` of a decoder folder, checked for format, version and sections."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise UserError("decoder folder not found", path=folder,
+                        fix="pass the folder written by save_pretrained or fmri2text run (RUN/model)")
+    if not path.is_file():
+        raise UserError("not a decoder folder: config.json is missing", path=path,
+                        fix="pass the folder written by save_pretrained or fmri2text run "
+                            f"(RUN/model), or {_REEXPORT}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"config.json is not valid JSON ({err})", path=path, fix=_REEXPORT) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise UserError(f"not an fmri2text decoder config (format {found!r})", path=path,
+                        fix=_REEXPORT)
+    version = config.get("format_version")
+    if type(version) is not int or version < 1:
+        raise UserError(f"format_version {version!r} is not a positive integer", path=path,
+                        fix=_REEXPORT)
+    if version > FORMAT_VERSION:
+        raise UserError(f"written by a newer fmri2text ({config.get('fmri2text_version', '?')}, "
+                        f"format version {version}); this fmri2text {__version__} reads format "
+                        f"versions up to {FORMAT_VERSION}", path=path,
+                        fix="upgrade fmri2text (pip install -U fmri2text)")
+    missing = [s for s in _SECTIONS if not isinstance(config.get(s), dict)]
+    missing += [f"files.{n}" for n in CHECKED_FILES
+                if "files" not in missing and n not in config["files"]]
+    if missing:
+        raise UserError(f"config.json lacks {missing}", path=path, fix=_REEXPORT)
+    for name in CHECKED_FILES:
+        if not (folder / name).is_file():
+            raise UserError(f"{name} is missing from the decoder folder", path=folder / name,
+                            fix=_REEXPORT)
+    return config
+
