@@ -19,7 +19,6 @@ nilearn's :func:`~nilearn.glm.first_level.compute_regressor`, sampled at volume 
 from __future__ import annotations
 
 import numpy as np
-from nilearn.glm.first_level import compute_regressor
 
 from fmri2text.errors import UserError
 
@@ -66,6 +65,8 @@ def trial_regressors(onsets: np.ndarray, durations: np.ndarray, n_volumes: int, 
     oversampling:
         Temporal oversampling of nilearn's convolution.
     """
+    from nilearn.glm.first_level import compute_regressor  # here: importing it takes ~2 s
+
     frame_times = np.arange(n_volumes, dtype=np.float64) * tr  # (T,)
     cols = []
     for onset, duration in zip(np.asarray(onsets, float), np.asarray(durations, float)):

@@ -16,6 +16,7 @@ configuration (``configs/had.yaml``, ``configs/bold_moments.yaml``):
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -49,12 +50,16 @@ def _tasks(cfg: DataConfig) -> list[str] | None:
     return None if not tasks or tasks == ["*"] else tasks
 
 
-def _layout(path: Path, derivative: bool):
+def _layout(path: Path, derivative: bool, space: str):
+    """A pybids layout of ``path``. Only BOLD metadata is read (RepetitionTime), so for volumes
+    only the ``bold`` suffix is indexed (every level's ``*_bold.json`` is among it: inheritance
+    holds) at half the cost; CIFTI file names vary, so all of it is indexed there."""
     from bids import BIDSLayout
     from bids.layout import BIDSLayoutIndexer
 
     ignore = ["code", "sourcedata", "stimuli", "derivatives", re.compile(r"/\.")]
-    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True)
+    only = {} if space == "cifti" else {"suffix": "bold"}
+    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True, **only)
     config = ["bids", "derivatives"] if derivative else ["bids"]
     try:
         return BIDSLayout(path, validate=False, config=config, indexer=indexer)
@@ -99,7 +104,7 @@ def _find_bold(root: Path, cfg: DataConfig, tasks: list[str] | None, raw_layout)
             raise UserError("the BOLD folder (data.bold_dir) does not exist", path=folder,
                             fix="set data.bold_dir to a folder relative to the dataset root, "
                                 "e.g. derivatives/fmriprep")
-        layout = _layout(folder, derivative=True)
+        layout = _layout(folder, derivative=True, space=cfg.space)
     filters: dict = {"space": cfg.bold_space or Query.NONE}
     if tasks:
         filters["task"] = tasks
@@ -247,34 +252,52 @@ def _read_events(path: str) -> pd.DataFrame:
     return df
 
 
-def _resolve_stim(root: Path, stim_file: str, events_path: str) -> Path:
+def _real(path: str | Path, dirs: dict) -> str:
+    """``os.path.realpath(path)`` (as ``Path.resolve``), memoising folders in ``dirs``: resolving
+    the folder, then the name if it is a symlink, is resolving the path; the memo saves a
+    system call per component per stimulus (HAD: 21,600), plain strings pathlib's parsing."""
+    folder, name = os.path.split(os.fspath(path))
+    if name in ("", ".", ".."):
+        return os.path.realpath(path)
+    real = dirs.get(folder)
+    if real is None:
+        real = dirs[folder] = os.path.realpath(folder)
+    full = os.path.join(real, name)
+    return os.path.realpath(full) if os.path.islink(full) else full
+
+
+def _resolve_stim(root: Path, stim_file: str, events_path: str, dirs: dict | None = None) -> Path:
     """Absolute path of a stimulus under ``root/stimuli``; refuses anything outside the root.
 
     A class folder written with spaces is also looked up with underscores (and vice versa),
-    with the class name in the file name changed alike.
+    with the class name in the file name changed alike. ``dirs``: folder resolutions
+    memoised across the stimuli of one load (see :func:`_real`).
     """
-    real_root = root.resolve()
+    dirs = {} if dirs is None else dirs
+    real_root = _real(root, dirs)
+    inside = real_root.rstrip(os.sep) + os.sep
+    stimuli = os.path.join(root, "stimuli")
     rel = Path(stim_file)
-    candidates = [rel]
+    candidates = [str(rel)]
     if len(rel.parts) > 1:  # class folder (and file name) with spaces ↔ underscores
         head, name = rel.parts[0], rel.parts[-1]
         for a, b in ((" ", "_"), ("_", " ")):
             if a in head:
                 alt_head = head.replace(a, b)
-                candidates.append(Path(alt_head, *rel.parts[1:-1], name.replace(head, alt_head)))
-                candidates.append(Path(alt_head, *rel.parts[1:]))
+                candidates.append(os.path.join(alt_head, *rel.parts[1:-1], name.replace(head, alt_head)))
+                candidates.append(os.path.join(alt_head, *rel.parts[1:]))
     chosen = None
     for cand in candidates:
-        path = (root / "stimuli" / cand).resolve()
-        if rel.is_absolute() or not path.is_relative_to(real_root):
+        path = _real(os.path.join(stimuli, cand), dirs)
+        if rel.is_absolute() or not (path == real_root or path.startswith(inside)):
             raise UserError(
                 f"stim_file {stim_file!r} points outside the dataset root {real_root}",
                 path=events_path,
                 fix="stim_file must be a path relative to stimuli/ inside the dataset "
                     "(no '..', no absolute paths, no symlinks leaving the dataset)")
-        if chosen is None and path.exists():
+        if chosen is None and os.path.exists(path):
             chosen = path
-    return chosen or (root / "stimuli" / rel).resolve()
+    return Path(chosen or _real(os.path.join(stimuli, candidates[0]), dirs))
 
 
 def load_captions(root: Path, cfg: DataConfig) -> dict:
@@ -358,7 +381,8 @@ def _class_ids(table: pd.DataFrame, cfg: DataConfig, root: Path) -> pd.Series:
     return names.map(index).astype(np.int64)
 
 
-def _run_table(key, events_path, bold_path, root, cfg, captions, caption_path, tr, n_volumes):
+def _run_table(key, events_path, bold_path, root, cfg, captions, caption_path, tr, n_volumes,
+               dirs: dict | None = None):
     df = _read_events(events_path)
     n_rows = len(df)
     df = df[df["stim_file"].notna()].reset_index(drop=True)  # e.g. BOLD Moments' oddballs
@@ -375,7 +399,7 @@ def _run_table(key, events_path, bold_path, root, cfg, captions, caption_path, t
         "stim_file": df["stim_file"].astype(str).to_numpy(),
     }
     stim = rows["stim_file"]
-    rows["stim_path"] = [str(_resolve_stim(root, s, events_path)) for s in stim]
+    rows["stim_path"] = [str(_resolve_stim(root, s, events_path, dirs)) for s in stim]
     if cfg.class_source == "folder":
         rows["class_name"] = [Path(s).parts[0].replace("_", " ") if len(Path(s).parts) > 1 else ""
                               for s in stim]
@@ -440,7 +464,7 @@ def load_trials(root: Path, cfg: DataConfig) -> pd.DataFrame:
         raise UserError(f"data.class_source={cfg.class_source!r} is not known",
                         fix=f"use one of {', '.join(CLASS_SOURCES)}")
     tasks = _tasks(cfg)
-    raw = _layout(root, derivative=False)
+    raw = _layout(root, derivative=False, space=cfg.space)
     ev_filter = {"task": tasks} if tasks else {}
     events = _index(raw.get(suffix="events", extension=".tsv", **ev_filter), "events")
     raw_bolds = _index(raw.get(suffix="bold", extension=VOLUME_EXTENSIONS, **ev_filter), "raw BOLD")
@@ -453,6 +477,7 @@ def load_trials(root: Path, cfg: DataConfig) -> pd.DataFrame:
     caption_path = root / cfg.captions
     tables = []
     real_root = root.resolve()
+    dirs: dict = {}  # folder resolutions shared by every stimulus lookup of this load
     for key, events_path, bold_path in _pair_runs(events, bolds):
         for path in (events_path, bold_path):
             if not Path(path).resolve().is_relative_to(real_root):
@@ -463,7 +488,7 @@ def load_trials(root: Path, cfg: DataConfig) -> pd.DataFrame:
                         "linking out of the dataset")
         tr, n_volumes = _run_tr(bold_path, layout, raw, raw_bolds.get(key), cfg)
         tables.append(_run_table(key, events_path, bold_path, root, cfg, captions, caption_path,
-                                 tr, n_volumes))
+                                 tr, n_volumes, dirs))
     table = pd.concat(tables, ignore_index=True)
     table["class_id"] = _class_ids(table, cfg, root)
     table = table.sort_values(["subject", "session", "task", "run", "onset"], kind="stable")
