@@ -27,8 +27,11 @@ from torch import Tensor, nn
 from fmri2text.errors import UserError
 from fmri2text.models import llm as llm_mod
 
+#: Parameter-name prefixes of the query side: everything trainable before the projection
+#: (what BLIP-2's contrastive stage 1 trains).
+QUERY_SIDE = ("ln_vision", "image_qformer", "frame_position_embedding", "video_qformer")
 #: Parameter-name prefixes of the trainable part (what a teacher checkpoint holds).
-TRAINABLE = ("ln_vision", "image_qformer", "frame_position_embedding", "video_qformer", "llama_proj")
+TRAINABLE = (*QUERY_SIDE, "llama_proj")
 
 
 class MultiHeadAttention(nn.Module):

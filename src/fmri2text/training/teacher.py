@@ -34,7 +34,7 @@ from fmri2text.config import INSTRUCTIONS, Config, TeacherConfig
 from fmri2text.errors import UserError
 from fmri2text.io import atomic_path, ensure_output_dir, write_json
 from fmri2text.models import llm as llm_mod
-from fmri2text.models.teacher import VideoLLaMATeacher, resolve_preset, teacher_from_config
+from fmri2text.models.teacher import QUERY_SIDE, VideoLLaMATeacher, resolve_preset, teacher_from_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -164,18 +164,19 @@ def contrastive_steps(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions:
     if tcfg.itc_steps <= 0:
         return {"steps": 0, "seconds": 0.0, "losses": []}
     t0 = time.perf_counter()
-    flat = [c for caps in captions for c in caps]
-    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    flat: list[str] = []
+    by_clip: list[list[int]] = []  # clip -> its rows in flat
+    for caps in captions:
+        by_clip.append(list(range(len(flat), len(flat) + len(caps))))
+        flat.extend(caps)
     text = torch.from_numpy(SentenceEmbedder().encode(flat)).float()  # (n_captions, E)
     rng = random.Random(tcfg.seed)
     torch.manual_seed(tcfg.seed)
     head = torch.nn.Linear(teacher.video_qformer.hidden, text.shape[1])
     itc = ClipLoss(tau=tcfg.itc_tau)
-    params = [p for n, p in teacher.named_parameters()
-              if n.startswith(("ln_vision", "image_qformer", "frame_position_embedding", "video_qformer"))]
+    params = [p for n, p in teacher.named_parameters() if n.startswith(QUERY_SIDE)]
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=tcfg.itc_lr,
                             weight_decay=tcfg.weight_decay)
-    by_clip = [torch.nonzero(owner == i).flatten().tolist() for i in range(len(captions))]
     batch = min(tcfg.itc_batch_size, len(captions))
     teacher.train()
     losses = []
