@@ -198,6 +198,8 @@ class TeacherConfig:
     video_layers: int = 2
     max_frames: int = 32  # frame position embeddings
     cross_attention_frequency: int = 1
+    projector: str = "mlp"  # llama_proj: mlp (Linear-GELU-Linear, LLaVA-1.5) | linear (Video-LLaMA)
+    projector_hidden: int = 1024  # width of the mlp projector
     token_norm: bool = True  # rescale video tokens to the LLM embedding std
     system_prompt: str = "You describe short videos."  # '' keeps the template default
     # stage 1 (BLIP-2's image-text contrastive, ITC): pooled video-Q-Former output vs the
@@ -208,6 +210,8 @@ class TeacherConfig:
     itc_lr: float = 3e-4
     itc_tau: float = 0.07  # BLIP-2's initial ITC temperature
     # stage 2 (captioning through the frozen LLM)
+    train_qformers: bool = False  # false: only llama_proj learns here (Q-Formers keep stage 1)
+    captions: str = "first"  # first (each clip's first caption, one canonical text) | all (random)
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
@@ -474,6 +478,10 @@ def validate(cfg: Config, source: Any = None) -> None:
         (cfg.split.n_heldout >= 1, "split.n_heldout", cfg.split.n_heldout, "at least 1"),
         (cfg.evaluation.n_permutations >= 1, "evaluation.n_permutations",
          cfg.evaluation.n_permutations, "at least 1"),
+        (cfg.teacher.projector in ("linear", "mlp"), "teacher.projector", cfg.teacher.projector,
+         "one of linear, mlp"),
+        (cfg.teacher.captions in ("first", "all"), "teacher.captions", cfg.teacher.captions,
+         "one of first, all"),
     ]
     for ok, key, value, allowed in checks:
         if not ok:

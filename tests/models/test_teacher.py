@@ -32,6 +32,17 @@ def test_video_tokens_shape_and_scale(parts):
         teacher.video_tokens_from_features(torch.zeros(1, 9, 4, 1280))
 
 
+def test_mlp_projector_maps_queries_to_llm_tokens(parts):
+    teacher = _teacher(parts, projector="mlp", projector_hidden=16)
+    assert [type(m).__name__ for m in teacher.llama_proj] == ["Linear", "GELU", "Linear"]
+    assert teacher.llama_proj[0].out_features == 16 and teacher.d_llm == 32
+    x = teacher.video_tokens(torch.rand(2, 3, 3, 64, 64))
+    assert x.shape == (2, 3, 32)
+    assert "llama_proj.2.weight" in teacher.trainable_state_dict()
+    with pytest.raises(UserError, match="unknown teacher.projector='conv'"):
+        _teacher(parts, projector="conv")
+
+
 def test_qformer_initialised_from_bert_where_shapes_agree(parts):
     bert = parts[3]
     q = QFormer(4, 32, 2, 2, 128, encoder_width=20)

@@ -96,6 +96,35 @@ def test_training_lowers_loss_and_checkpoint_roundtrips(tmp_path, teacher):
     teacher.load_trainable_state_dict(before)  # restore for other tests
 
 
+def test_captioning_trains_the_projection_on_first_captions_unless_told_otherwise(teacher, monkeypatch):
+    """Default stage 2: Q-Formers frozen (their output computed once), llama_proj learns,
+    every answer is the clip's first caption; train_qformers/captions=all restore the rest."""
+    torch.manual_seed(0)
+    feats = torch.randn(4, 2, 4, 1280)
+    caps = [[f"first {i} .", f"second {i} ."] for i in range(4)]
+    seen, real = [], type(teacher).loss_from_tokens
+
+    def spy(self, tokens, instructions, answers):
+        seen.extend(answers)
+        return real(self, tokens, instructions, answers)
+
+    monkeypatch.setattr(type(teacher), "loss_from_tokens", spy)
+    before = {k: v.clone() for k, v in teacher.trainable_state_dict().items()}
+    tt.train_steps(teacher, feats, caps, TeacherConfig(steps=3, batch_size=4, lr=1e-2), log=lambda *a: None)
+    after = teacher.trainable_state_dict()
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("llama_proj") for k in changed)
+    assert seen and all(a.startswith("first") for a in seen)
+    assert all(p.requires_grad for p in teacher.trainable_parameters())  # restored afterwards
+    seen.clear()
+    tt.train_steps(teacher, feats, caps, TeacherConfig(steps=6, batch_size=4, lr=1e-2, train_qformers=True,
+                                                       captions="all"), log=lambda *a: None)
+    after = teacher.trainable_state_dict()
+    assert not torch.equal(after["video_qformer.query_tokens"], before["video_qformer.query_tokens"])
+    assert any(a.startswith("second") for a in seen)
+    teacher.load_trainable_state_dict(before)  # restore for other tests
+
+
 def test_itc_stage_aligns_queries_with_captions_and_leaves_the_projection(teacher):
     """BLIP-2 stage 1: the contrastive loss falls, Q-Formers move, llama_proj does not."""
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ Data flow for a batch of clips (shapes for the embedded config in brackets)::
       -> image Q-Former, Qi queries             (B*F, Qi, h)     [h=384, MiniLM init]
       -> + frame position embedding             (B, F*Qi, h)
       -> video Q-Former, L queries              (B, L, h)
-      -> llama_proj (linear) [+ fixed rescale]  (B, L, d_llm)    = video tokens X
+      -> llama_proj [+ fixed rescale]           (B, L, d_llm)    = video tokens X
+         (linear as in Video-LLaMA, or a 2-layer GELU MLP as in LLaVA-1.5)
       -> frozen LLM chat prompt: X, instruction, answer
 
 Only ``ln_vision``, both Q-Formers, the frame position embedding and ``llama_proj`` train.
@@ -189,11 +190,14 @@ class VideoLLaMATeacher(nn.Module):
         parameter-free step after the linear projection that keeps soft tokens in range).
     system:
         System prompt for the chat template (None: the template's default).
+    projector, projector_hidden:
+        ``llama_proj``: "linear" (Video-LLaMA; published checkpoints map onto it) or "mlp"
+        (Linear → GELU → Linear of width ``projector_hidden``, LLaVA-1.5's projector).
     """
 
     def __init__(self, backbone: nn.Module, llm: nn.Module, tokenizer, image_qformer: QFormer,
                  video_qformer: QFormer, max_frames: int = 32, token_norm: bool = True,
-                 system: str | None = None):
+                 system: str | None = None, projector: str = "linear", projector_hidden: int = 1024):
         super().__init__()
         self.visual_encoder = llm_mod.freeze(backbone)
         self.llm = llm_mod.freeze(llm)
@@ -205,7 +209,15 @@ class VideoLLaMATeacher(nn.Module):
         nn.init.normal_(self.frame_position_embedding.weight, std=0.02)
         self.video_qformer = video_qformer
         d_llm = llm.get_input_embeddings().weight.shape[1]
-        self.llama_proj = nn.Linear(video_qformer.hidden, d_llm)
+        self.d_llm = d_llm
+        h = video_qformer.hidden
+        if projector == "linear":
+            self.llama_proj = nn.Linear(h, d_llm)
+        elif projector == "mlp":
+            self.llama_proj = nn.Sequential(nn.Linear(h, projector_hidden), nn.GELU(),
+                                            nn.Linear(projector_hidden, d_llm))
+        else:
+            raise UserError(f"unknown teacher.projector={projector!r}", fix="use linear or mlp")
         self.token_norm = token_norm
         self.register_buffer("token_scale", torch.tensor(llm_mod.embedding_std(llm)), persistent=False)
 
@@ -220,10 +232,6 @@ class VideoLLaMATeacher(nn.Module):
     def n_tokens(self) -> int:
         """L, the number of video tokens per clip."""
         return self.video_qformer.query_tokens.shape[1]
-
-    @property
-    def d_llm(self) -> int:
-        return self.llama_proj.out_features
 
     def frame_features(self, frames: Tensor) -> Tensor:
         """(B, F, 3, H, W) in [0, 1] -> frozen backbone patch features (B, F, P, C)."""
@@ -245,12 +253,16 @@ class VideoLLaMATeacher(nn.Module):
         q = (q + pos[None, :, None, :]).flatten(1, 2)  # (B, F*Qi, h)
         return self.video_qformer(q)  # (B, L, h)
 
-    def video_tokens_from_features(self, feats: Tensor) -> Tensor:
-        """Cached backbone features (B, F, P, C) -> video tokens (B, L, d_llm)."""
-        tokens = self.llama_proj(self.video_queries_from_features(feats))  # (B, L, d_llm)
+    def tokens_from_queries(self, q: Tensor) -> Tensor:
+        """Video Q-Former output (B, L, h) -> video tokens (B, L, d_llm)."""
+        tokens = self.llama_proj(q)  # (B, L, d_llm)
         if self.token_norm:
             tokens = nn.functional.layer_norm(tokens, tokens.shape[-1:]) * self.token_scale
         return tokens
+
+    def video_tokens_from_features(self, feats: Tensor) -> Tensor:
+        """Cached backbone features (B, F, P, C) -> video tokens (B, L, d_llm)."""
+        return self.tokens_from_queries(self.video_queries_from_features(feats))
 
     def video_tokens(self, frames: Tensor) -> Tensor:
         """(B, F, 3, H, W) in [0, 1] -> video tokens X (B, L, d_llm)."""
@@ -258,7 +270,10 @@ class VideoLLaMATeacher(nn.Module):
 
     def loss_from_features(self, feats: Tensor, instructions: list[str], answers: list[str]) -> Tensor:
         """Captioning cross-entropy on the answer tokens, through the frozen LLM."""
-        tokens = self.video_tokens_from_features(feats)
+        return self.loss_from_tokens(self.video_tokens_from_features(feats), instructions, answers)
+
+    def loss_from_tokens(self, tokens: Tensor, instructions: list[str], answers: list[str]) -> Tensor:
+        """Captioning cross-entropy given video tokens (B, L, d_llm)."""
         embeds, mask, labels = llm_mod.build_prompt_embeds(
             self.llm, self.tokenizer, tokens, instructions, answers, system=self.system)
         return llm_mod.answer_loss(self.llm, embeds, mask, labels)
@@ -311,6 +326,7 @@ def build_teacher(backbone: nn.Module, llm: nn.Module, tokenizer, bert: nn.Modul
                   video_layers: int = 2, max_frames: int = 32, cross_attention_frequency: int = 1,
                   token_norm: bool = True, system: str | None = None,
                   hidden: int | None = None, heads: int | None = None, seed: int = 0,
+                  projector: str = "linear", projector_hidden: int = 1024,
                   ) -> VideoLLaMATeacher:
     """Assemble a teacher; Q-Former sizes follow ``bert`` (whose weights initialise them).
 
@@ -335,7 +351,8 @@ def build_teacher(backbone: nn.Module, llm: nn.Module, tokenizer, bert: nn.Modul
         if bert is not None:
             iq.init_from_bert(bert)
             vq.init_from_bert(bert)
-        teacher = VideoLLaMATeacher(backbone, llm, tokenizer, iq, vq, max_frames, token_norm, system)
+        teacher = VideoLLaMATeacher(backbone, llm, tokenizer, iq, vq, max_frames, token_norm, system,
+                                    projector, projector_hidden)
     return teacher
 
 
@@ -354,7 +371,7 @@ PRESETS: dict[str, dict] = {
                            qformer_hidden=768, qformer_heads=12, image_queries=32, image_layers=12,
                            video_queries=32, video_layers=2, max_frames=32,
                            cross_attention_frequency=2, token_norm=False, system_prompt="",
-                           itc_steps=0),  # the published Q-Formers are already aligned
+                           projector="linear", itc_steps=0),  # the published Q-Formers are already aligned
 }
 VISION_EVA = "eva-vit-g"
 
@@ -426,7 +443,8 @@ def teacher_from_config(tcfg, *, llm=None, tokenizer=None) -> VideoLLaMATeacher:
                             cross_attention_frequency=tcfg.cross_attention_frequency,
                             token_norm=tcfg.token_norm, system=tcfg.system_prompt or None,
                             hidden=tcfg.qformer_hidden or None, heads=tcfg.qformer_heads or None,
-                            seed=tcfg.seed)
+                            seed=tcfg.seed, projector=tcfg.projector,
+                            projector_hidden=tcfg.projector_hidden)
     if tcfg.blip2_checkpoint:
         import_blip2.import_blip2(tcfg.blip2_checkpoint, teacher)
     if tcfg.videollama_checkpoint:

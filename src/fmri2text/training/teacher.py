@@ -5,8 +5,9 @@ setup   : list ``<bids>/derivatives/simulation/webclips/*.mp4`` + ``captions.jso
           teacher (frozen backbone + frozen LLM, trainable Q-Formers / positions / projection)
 train   : stage 1 (BLIP-2's ITC): the Q-Formers' pooled output vs frozen sentence embeddings
           of the captions, no LLM (``itc_steps``); stage 2: AdamW on the answer-token
-          cross-entropy of a random caption given a random instruction through the frozen
-          LLM, bf16 autocast where the LLM runs in bf16
+          cross-entropy of a clip's caption (its first, or a random one) given a random
+          instruction through the frozen LLM, training ``llama_proj`` only (or the
+          Q-Formers too: ``train_qformers``), bf16 autocast where the LLM runs in bf16
 save    : ``teacher.safetensors`` (trainable weights, config in the metadata) + ``teacher.json``
 evaluate: Video2Text of held-out clips vs the LLM with no video tokens, both against the
           true captions -> ``teacher_eval.json`` {"video2text": METRICS, "no_video": METRICS}
@@ -199,10 +200,29 @@ def contrastive_steps(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions:
 
 def train_steps(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[list[str]],
                 tcfg: TeacherConfig, log: Callable = print) -> dict:
-    """AdamW on the captioning loss; returns timing and the loss curve."""
+    """Stage 2, captioning: AdamW on the answer-token cross-entropy through the frozen LLM.
+
+    With ``train_qformers`` false only ``llama_proj`` learns (the Q-Formers keep what the
+    contrastive stage taught them), so their output is computed once for every clip and
+    each step costs the projection and the LLM only. ``captions="first"`` trains on each
+    clip's first caption (one canonical text per clip); ``"all"`` draws one at random.
+    Returns timing and the loss curve.
+    """
     rng = random.Random(tcfg.seed)
     torch.manual_seed(tcfg.seed)
-    params = teacher.trainable_parameters()
+    if tcfg.train_qformers:
+        params = teacher.trainable_parameters()
+        queries = None
+    else:
+        for name, p in teacher.named_parameters():
+            if name.startswith(QUERY_SIDE):
+                p.requires_grad_(False)
+        params = list(teacher.llama_proj.parameters())
+        teacher.eval()
+        with torch.no_grad():  # (N, L, h), fixed for the whole stage
+            queries = torch.cat([teacher.video_queries_from_features(feats[i:i + 32])
+                                 for i in range(0, len(feats), 32)])
+    targets = [c[:1] for c in captions] if tcfg.captions == "first" else captions
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=max(tcfg.steps, 1),
                                                 pct_start=0.1)
@@ -210,11 +230,13 @@ def train_steps(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[
     teacher.train()
     losses, t0 = [], time.perf_counter()
     for step in range(tcfg.steps):
-        idx = [rng.randrange(len(captions)) for _ in range(tcfg.batch_size)]
-        answers = [rng.choice(captions[i]) for i in idx]
+        idx = [rng.randrange(len(targets)) for _ in range(tcfg.batch_size)]
+        answers = [rng.choice(targets[i]) for i in idx]
         instructions = [rng.choice(INSTRUCTIONS) for _ in idx]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = teacher.loss_from_features(feats[idx], instructions, answers)
+            tokens = (teacher.video_tokens_from_features(feats[idx]) if queries is None
+                      else teacher.tokens_from_queries(queries[idx]))  # (b, L, d_llm)
+            loss = teacher.loss_from_tokens(tokens, instructions, answers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -224,6 +246,9 @@ def train_steps(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[
         if step % 10 == 0 or step == tcfg.steps - 1:
             log(f"teacher step {step + 1}/{tcfg.steps} loss {losses[-1]:.3f} "
                 f"({time.perf_counter() - t0:.0f} s)")
+    for name, p in teacher.named_parameters():  # leave the trainable set as it was
+        if name.startswith(QUERY_SIDE):
+            p.requires_grad_(True)
     teacher.eval()
     return {"steps": tcfg.steps, "seconds": time.perf_counter() - t0, "losses": losses}
 
