@@ -212,7 +212,7 @@ class TeacherConfig:
     # stage 2 (captioning through the frozen LLM)
     train_qformers: bool = False  # false: only llama_proj learns here (Q-Formers keep stage 1)
     captions: str = "first"  # first (each clip's first caption, one canonical text) | all (random)
-    steps: int = 100
+    steps: int = 120
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
