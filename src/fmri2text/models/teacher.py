@@ -187,7 +187,7 @@ class VideoLLaMATeacher(nn.Module):
         Number of frame position embeddings.
     token_norm:
         Rescale each projected token to zero mean and the LLM's input-embedding std (a fixed,
-        parameter-free step after the linear projection that keeps soft tokens in range).
+        parameter-free step after the projection that keeps soft tokens in range).
     system:
         System prompt for the chat template (None: the template's default).
     projector, projector_hidden:
