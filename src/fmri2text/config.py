@@ -149,6 +149,7 @@ class EncoderConfig:
     target_pool: int = 2  # MBM target: sub-blocks per axis inside each token's cell
     pos_embed: str = "sincos"  # sincos (fixed) | learned
     grad_checkpoint: bool = False  # recompute tokenizer stages and blocks in backward
+    token_standardize: bool = True  # standardise each token feature across trials (running stats)
     adapter_rank: int = 8
     adapter_scale: float = 1.0
     projector_dim: int = 256  # width of the projector's cross-attention

@@ -47,3 +47,22 @@ def test_only_tokenizer_adaptors_projector_receive_gradients():
     after = s.encoder.state_dict()
     assert all(torch.equal(after[k], v) for k, v in base_before.items())
     assert set(s.trainable_state_dict()) == {n for n, p in s.named_parameters() if p.requires_grad}
+
+
+def test_frozen_tokenizer_keeps_its_standardiser_statistics():
+    """Stage II freezes the tokenizer: train() must not let its batch statistics move."""
+    from fmri2text.training.stage2 import freeze_for_stage2
+
+    s = _student()
+    s.add_adapters(rank=4)
+    assert s.tokenizer.standardize is not None  # EncoderConfig default
+    s.train()
+    assert s.tokenizer.training  # trainable tokenizer (Stage I): batch statistics
+    s(torch.randn(4, *SHAPE))
+    stats = s.tokenizer.standardize.running_mean.clone()
+    freeze_for_stage2(s)
+    assert s.training and s.projector.training and not s.tokenizer.training
+    s(torch.randn(4, *SHAPE) + 3.0)
+    assert torch.equal(s.tokenizer.standardize.running_mean, stats)
+    s.eval().train()
+    assert not s.tokenizer.training

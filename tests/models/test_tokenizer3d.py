@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fmri2text.errors import UserError
-from fmri2text.models.tokenizer3d import SurfaceTokenizer, VolumeTokenizer, build_tokenizer
+from fmri2text.models.tokenizer3d import SurfaceTokenizer, TokenStandardizer, VolumeTokenizer, build_tokenizer
 
 
 def test_volume_tokens_and_target_shapes():
@@ -60,3 +60,36 @@ def test_checkpointed_tokenizer_matches_plain_gradients():
     b(x).square().sum().backward()
     ga = a.stages[0][0].weight.grad
     assert torch.allclose(ga, b.stages[0][0].weight.grad, atol=1e-5) and ga.abs().sum() > 0
+
+
+def test_token_standardizer_removes_the_trial_invariant_part():
+    """A large offset common to every trial (bias, mask edge) is removed; the trial part is
+    scaled to unit spread; inference uses the running statistics; one sample never updates them."""
+    torch.manual_seed(0)
+    std = TokenStandardizer(num_tokens=3, dim=4, momentum=1.0)
+    offset = torch.randn(1, 3, 4) * 50  # the same in every trial
+    trials = offset + 0.1 * torch.randn(64, 3, 4)
+    out = std.train()(trials)
+    assert out.shape == trials.shape
+    assert out.mean(0).abs().max() < 1e-4 and torch.allclose(out.std(0, unbiased=False), torch.ones(3, 4), atol=1e-2)
+    running = std.running_mean.clone()
+    assert torch.allclose(running.view(3, 4), trials.mean(0), atol=1e-4)
+    one = std(trials[:1])  # training mode, one sample: running statistics, no update
+    assert torch.equal(std.running_mean, running)
+    assert torch.allclose(one, std.eval()(trials[:1]))
+    assert torch.allclose(std.eval()(trials), out, rtol=2e-2, atol=1e-3)  # running var is unbiased
+    slow = TokenStandardizer(num_tokens=3, dim=4, momentum=0.05).train()
+    for chunk in trials.split(16):  # four batches: the running mean is their plain average
+        slow(chunk)
+    assert torch.allclose(slow.running_mean.view(3, 4), trials.mean(0), atol=1e-3)
+
+
+def test_tokenizers_standardize_only_when_asked():
+    vol = build_tokenizer((2, 8, 8, 8), 16, [4, 8], standardize=True)
+    surf = build_tokenizer((2, 600), 16, [4], surface_patch=256, standardize=True)
+    assert isinstance(vol.standardize, TokenStandardizer) and isinstance(surf.standardize, TokenStandardizer)
+    assert build_tokenizer((2, 8, 8, 8), 16, [4, 8]).standardize is None
+    x = torch.randn(5, 2, 8, 8, 8)
+    tokens = vol.train()(x)  # (B, N, D), standardised over the batch
+    assert tokens.shape == (5, vol.num_tokens, 16) and tokens.mean(0).abs().max() < 1e-4
+    assert "standardize.running_mean" in vol.state_dict()

@@ -46,6 +46,7 @@ class EncoderSpec:
     target_pool: int = 2
     pos_embed: str = "sincos"
     grad_checkpoint: bool = False
+    token_standardize: bool = False  # False for specs saved before it existed
 
 
 PRESETS: dict[str, dict] = {
@@ -70,7 +71,8 @@ def spec_from_config(cfg: EncoderConfig) -> EncoderSpec:
         if v is not None and not (isinstance(v, list) and not v):
             values[key] = tuple(v) if isinstance(v, list) else v
     spec = EncoderSpec(**values, surface_patch=cfg.surface_patch, target_pool=cfg.target_pool,
-                       pos_embed=cfg.pos_embed, grad_checkpoint=cfg.grad_checkpoint)
+                       pos_embed=cfg.pos_embed, grad_checkpoint=cfg.grad_checkpoint,
+                       token_standardize=cfg.token_standardize)
     if spec.pos_embed not in ("sincos", "learned"):
         raise UserError(f"encoder.pos_embed={spec.pos_embed!r} is not known",
                         fix="use sincos or learned")
@@ -252,7 +254,7 @@ class BrainMAE(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.tokenizer: Tokenizer = build_tokenizer(
             self.input_shape, spec.embed_dim, list(spec.tokenizer_channels), spec.surface_patch,
-            spec.target_pool, spec.grad_checkpoint)
+            spec.target_pool, spec.grad_checkpoint, spec.token_standardize)
         coords = self.tokenizer.token_coords()  # (N, k)
         self.encoder = BrainEncoder(coords, spec)
         self.decoder = MAEDecoder(coords, spec, self.tokenizer.target_dim)

@@ -89,6 +89,14 @@ class Student(nn.Module):
             p.requires_grad_(True)
         return self.adapted
 
+    def train(self, mode: bool = True) -> "Student":
+        """Like ``nn.Module.train``, but a frozen tokenizer stays in eval mode, so its token
+        standardiser keeps the statistics it was trained with (Stage II)."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.tokenizer.parameters()):
+            self.tokenizer.eval()
+        return self
+
     def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, …) → encoder tokens (B, 1+N, D_enc)."""
         return self.encoder(self.tokenizer(x))

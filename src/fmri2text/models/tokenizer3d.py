@@ -7,6 +7,12 @@ Both tokenizers share one interface, so the encoder never cares which one it is 
 * ``token_coords() -> (N, k)`` token positions in [0, 1] (for positional embeddings),
 * ``target(x) -> (B, N, F)`` the masked-brain-modeling target of each token, ``target_dim`` (F).
 
+Optionally (``standardize``) the tokens leave through a :class:`TokenStandardizer`: every
+token feature is standardised across trials (batch statistics in training, running ones at
+inference). Without it the trial-invariant part of the tokens (conv biases, the brain-mask
+edge, the same anatomy in every window) is ~14x the trial-specific part on the simulated
+data, and the student downstream maps every trial to nearly the same Z (BENCHMARKS.md).
+
 MBM target, defined once here: each token owns a *cell* of the input (a block of
 ``stride³`` voxels for volumes, ``patch`` grayordinates for surfaces). The cell is
 average-pooled into ``bins`` sub-blocks per axis (volumes) or ``bins`` segments (surfaces)
@@ -45,6 +51,32 @@ def _normalise_tokens(t: torch.Tensor) -> torch.Tensor:
     return (t - mean) / (var + 1e-6).sqrt()
 
 
+class TokenStandardizer(nn.BatchNorm1d):
+    """(B, N, D) → same, each of the N·D features standardised across the batch.
+
+    BatchNorm without affine parameters over the flattened token features: training uses
+    the batch's statistics and updates running ones; evaluation, and a training batch of one
+    sample (no spread to measure), use the running ones. The running update is bias-corrected:
+    momentum max(``momentum``, 1/(batches seen + 1)), so the statistics are the plain average
+    of the first batches instead of staying near their initial 0/1 after a short run.
+    """
+
+    def __init__(self, num_tokens: int, dim: int, momentum: float = 0.05):
+        super().__init__(num_tokens * dim, affine=False, momentum=momentum)
+        self.base_momentum = momentum
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.flatten(1)  # (B, N·D)
+        if self.training and flat.shape[0] < 2:
+            flat = F.batch_norm(flat, self.running_mean, self.running_var, training=False,
+                                eps=self.eps)
+        else:
+            if self.training:
+                self.momentum = max(self.base_momentum, 1.0 / (int(self.num_batches_tracked) + 1))
+            flat = super().forward(flat)
+        return flat.view_as(tokens)
+
+
 class VolumeTokenizer(nn.Module):
     """Spatio-temporal 3D CNN: (B, T, X, Y, Z) → super-voxel tokens (B, N, D).
 
@@ -64,11 +96,13 @@ class VolumeTokenizer(nn.Module):
         Sub-blocks per axis of each token's cell in the MBM target (must divide 2^stages).
     grad_checkpoint:
         Recompute stage activations in backward instead of storing them.
+    standardize:
+        Pass the tokens through a :class:`TokenStandardizer`.
     """
 
     def __init__(self, input_shape: tuple[int, int, int, int], embed_dim: int,
                  channels: list[int] | tuple[int, ...], target_bins: int = 2,
-                 grad_checkpoint: bool = False):
+                 grad_checkpoint: bool = False, standardize: bool = False):
         super().__init__()
         if len(input_shape) != 4 or min(input_shape) < 1:
             raise UserError(f"a volume tokenizer needs input shape (T, X, Y, Z), got {input_shape}",
@@ -101,6 +135,7 @@ class VolumeTokenizer(nn.Module):
         self.grid = tuple(grid)
         self.num_tokens = math.prod(self.grid)
         self.target_dim = self.input_shape[0] * target_bins ** 3
+        self.standardize = TokenStandardizer(self.num_tokens, embed_dim) if standardize else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, X, Y, Z) → (B, N, D), N = gx·gy·gz in C order."""
@@ -112,7 +147,8 @@ class VolumeTokenizer(nn.Module):
             else:
                 h = stage(h)
         h = h.flatten(2).transpose(1, 2)  # (B, N, C_last)
-        return self.proj(h)  # (B, N, D)
+        tokens = self.proj(h)  # (B, N, D)
+        return tokens if self.standardize is None else self.standardize(tokens)
 
     def token_coords(self) -> torch.Tensor:
         """(N, 3) token cell centres, each axis scaled to [0, 1]."""
@@ -154,10 +190,12 @@ class SurfaceTokenizer(nn.Module):
         Grayordinates per token.
     target_bins:
         Segments per patch in the MBM target (must divide ``patch``).
+    standardize:
+        Pass the tokens through a :class:`TokenStandardizer`.
     """
 
     def __init__(self, input_shape: tuple[int, int], embed_dim: int, patch: int = 256,
-                 target_bins: int = 8, grad_checkpoint: bool = False):
+                 target_bins: int = 8, grad_checkpoint: bool = False, standardize: bool = False):
         super().__init__()
         if len(input_shape) != 2 or min(input_shape) < 1:
             raise UserError(f"a surface tokenizer needs input shape (T, V), got {input_shape}",
@@ -174,6 +212,7 @@ class SurfaceTokenizer(nn.Module):
         self.grid = (self.num_tokens,)
         self.target_dim = t * target_bins
         self.proj = nn.Conv1d(t, embed_dim, kernel_size=patch, stride=patch)
+        self.standardize = TokenStandardizer(self.num_tokens, embed_dim) if standardize else None
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, [0, self.num_tokens * self.patch - self.input_shape[1]])  # (B, T, N·P)
@@ -181,7 +220,8 @@ class SurfaceTokenizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, V) → (B, N, D)."""
         _check_shape(x, self.input_shape, "surface")
-        return self.proj(self._pad(x)).transpose(1, 2)  # (B, N, D)
+        tokens = self.proj(self._pad(x)).transpose(1, 2)  # (B, N, D)
+        return tokens if self.standardize is None else self.standardize(tokens)
 
     def token_coords(self) -> torch.Tensor:
         """(N, 1) patch positions along the grayordinate axis, in [0, 1]."""
@@ -202,15 +242,16 @@ Tokenizer = VolumeTokenizer | SurfaceTokenizer
 
 def build_tokenizer(input_shape: tuple[int, ...], embed_dim: int, channels: list[int],
                     surface_patch: int = 256, target_pool: int = 2,
-                    grad_checkpoint: bool = False) -> Tokenizer:
+                    grad_checkpoint: bool = False, standardize: bool = False) -> Tokenizer:
     """A volume tokenizer for (T, X, Y, Z) inputs, a surface one for (T, V) inputs."""
     if len(input_shape) == 4:
         return VolumeTokenizer(input_shape, embed_dim, channels, target_bins=target_pool,
-                               grad_checkpoint=grad_checkpoint)
+                               grad_checkpoint=grad_checkpoint, standardize=standardize)
     if len(input_shape) == 2:
         bins = min(surface_patch, target_pool ** 3)
         while surface_patch % bins:
             bins -= 1
-        return SurfaceTokenizer(input_shape, embed_dim, patch=surface_patch, target_bins=bins)
+        return SurfaceTokenizer(input_shape, embed_dim, patch=surface_patch, target_bins=bins,
+                                standardize=standardize)
     raise UserError(f"fMRI samples must be (T, X, Y, Z) volumes or (T, V) surfaces, got shape "
                     f"{tuple(input_shape)}", fix="check the prepared data's window layout")

@@ -263,6 +263,11 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
         feedback.close()
     if main:
         write_jsonl(log_path, rows)
+    if accelerator.num_processes > 1:
+        # batch statistics (the token standardiser's) follow each rank's own batches after
+        # DDP's last buffer broadcast: take rank 0's, as the checkpoints do
+        for buf in module.buffers():
+            torch.distributed.broadcast(buf.data, src=0)
     digests = accelerator.gather_for_metrics([weights_digest(module)], use_gather_object=True) \
         if accelerator.num_processes > 1 else [weights_digest(module)]
     return {"start_step": start, "steps_done": (step + 1) if settings.steps > start else start,

@@ -45,6 +45,7 @@ def freeze_for_stage2(student: Student, train_tokenizer: bool = False) -> None:
         p.requires_grad_(".adapter." in f".{name}" or name.startswith("projector."))
     for p in student.tokenizer.parameters():
         p.requires_grad_(train_tokenizer)
+    student.train()  # a frozen tokenizer drops to eval mode (its standardiser statistics stay)
 
 
 class BridgeModel(nn.Module):
