@@ -104,3 +104,15 @@ def test_checkpoint_with_wrong_shapes_is_refused_and_nothing_changes(parts):
 def test_too_many_qformer_layers_for_the_bert_is_a_user_error(parts):
     with pytest.raises(UserError, match="exceed"):
         _teacher(parts, image_layers=3)
+
+
+def test_backbone_runs_frames_in_chunks_with_the_same_output(monkeypatch):
+    bb = zoo.tiny_vision_backbone(image_size=64)
+    frames = torch.rand(11, 3, 48, 48)  # resized to 64 px first
+    whole = bb._features(frames)  # one forward over all frames
+    monkeypatch.setattr(zoo.VisionBackbone, "CHUNK_PIXELS", 4 * 64 * 64)  # chunks of 4 frames
+    calls = []
+    monkeypatch.setattr(bb, "_features", lambda x, f=bb._features: calls.append(len(x)) or f(x))
+    out = bb.features(frames)
+    assert calls == [4, 4, 3]
+    assert torch.equal(out, whole) and out.shape == (11, bb.n_patches, bb.width)
