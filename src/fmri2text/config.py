@@ -220,6 +220,7 @@ class TeacherConfig:
     heldout_fraction: float = 0.2  # web clips held out to evaluate the teacher
     max_new_tokens: int = 24
     greedy: bool = True  # greedy decoding; else sampling seeded by seed
+    generate_batch_size: int = 64  # clips per batched generation (annotate, evaluation); see BENCHMARKS
     seed: int = 0
 
 
@@ -269,7 +270,7 @@ class PipelineConfig:
     """``fmri2text run`` / ``decode``: where the teacher comes from, and decoding settings."""
 
     teacher_checkpoint: str = ""  # a trained teacher.safetensors; '' fits one on the web clips
-    decode_batch_size: int = 16  # test trials per batched generation
+    decode_batch_size: int = 64  # test trials per batched generation (decode steps read every LLM weight)
     decode_max_new_tokens: int = 24  # answer length cap of fMRI2Text (and the controls)
     decode_greedy: bool = True  # greedy decoding; else sampling seeded by evaluation.seed
 
@@ -483,6 +484,8 @@ def validate(cfg: Config, source: Any = None) -> None:
          "one of linear, mlp"),
         (cfg.teacher.captions in ("first", "all"), "teacher.captions", cfg.teacher.captions,
          "one of first, all"),
+        (cfg.teacher.generate_batch_size >= 1, "teacher.generate_batch_size",
+         cfg.teacher.generate_batch_size, "at least 1"),
     ]
     for ok, key, value, allowed in checks:
         if not ok:

@@ -186,7 +186,8 @@ def run_annotate(bids: Path, run: Path, cfg: Config, log: Log) -> dict:
 
     t0 = time.perf_counter()
     teacher = load_teacher(path, tcfg)
-    gen = dict(seed=tcfg.seed, max_new_tokens=tcfg.max_new_tokens, greedy=tcfg.greedy)
+    gen = dict(seed=tcfg.seed, max_new_tokens=tcfg.max_new_tokens, greedy=tcfg.greedy,
+               batch_size=tcfg.generate_batch_size)
     log(f"annotate: {len(train_clips)} training clips")
     train = annotate(teacher, digest, train_clips, frames, Path(run) / cfg.stage1.annotations,
                      INSTRUCTIONS, log=log, **gen)

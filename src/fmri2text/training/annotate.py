@@ -58,7 +58,7 @@ def _load_store(json_path: Path, st_path: Path) -> tuple[list[dict], torch.Tenso
 
 def annotate(teacher: VideoLLaMATeacher, teacher_hash: str, clips: list[str],
              load_frames: Callable[[str], torch.Tensor], out_dir: str | Path,
-             instructions: list[str], *, seed: int = 0, batch_size: int = 16,
+             instructions: list[str], *, seed: int = 0, batch_size: int = 64,
              max_new_tokens: int = 24, greedy: bool = True, log: Callable = print) -> dict:
     """Annotate ``clips`` (stimulus names), reusing stored results of the same teacher.
 
@@ -68,6 +68,9 @@ def annotate(teacher: VideoLLaMATeacher, teacher_hash: str, clips: list[str],
         Clip name -> frames (F, 3, H, W) in [0, 1].
     teacher_hash:
         Hash of the teacher checkpoint (e.g. ``training.teacher.checkpoint_hash``).
+    batch_size:
+        Clips per batched generation. Each decode step reads every LLM weight, so on a CPU
+        larger batches cost little more per step (BENCHMARKS: 0.48 s a clip at 16, 0.28 at 64).
 
     Returns
     -------
@@ -91,7 +94,7 @@ def annotate(teacher: VideoLLaMATeacher, teacher_hash: str, clips: list[str],
             x = teacher.video_tokens(frames)  # (b, L, d)
             answers = teacher.answer_from_tokens(x, [instr[i] for i in idx],
                                                  max_new_tokens=max_new_tokens,
-                                                 greedy=greedy, seed=seed)
+                                                 greedy=greedy, seed=seed, batch_size=batch_size)
         for j, i in enumerate(idx):
             index[(clips[i], instr[i])] = len(rows)
             rows.append({"clip": clips[i], "instruction": instr[i], "answer": answers[j],

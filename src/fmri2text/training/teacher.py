@@ -260,7 +260,8 @@ def evaluate(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[lis
 
     tcfg = cfg.teacher
     instr = [cfg.evaluation.instruction] * len(captions)
-    gen = dict(max_new_tokens=tcfg.max_new_tokens, greedy=tcfg.greedy, seed=tcfg.seed)
+    gen = dict(max_new_tokens=tcfg.max_new_tokens, greedy=tcfg.greedy, seed=tcfg.seed,
+               batch_size=tcfg.generate_batch_size)
     t0 = time.perf_counter()
     video2text = teacher.answer_from_features(feats, instr, **gen)
     gen_s = time.perf_counter() - t0
