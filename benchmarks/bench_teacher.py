@@ -98,8 +98,9 @@ def main() -> None:
         times.append(time.perf_counter() - t)
         with torch.no_grad():
             tokens = teacher.video_tokens_from_features(feats[idx])
-            n_tok = int(llm_mod.build_prompt_embeds(llm, teacher.tokenizer, tokens, instr, answers,
-                                                    system=teacher.system)[1].sum())
+            mask = llm_mod.build_prompt_embeds(llm, teacher.tokenizer, tokens, instr, answers,
+                                               system=teacher.system)[1]
+            n_tok = llm_mod.tokens_run(mask, llm_mod.prefix_length(teacher.tokenizer, teacher.system))
     teacher.eval()
     sec = sum(times[1:]) / args.steps
     tps = n_tok / sec

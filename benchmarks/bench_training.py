@@ -7,7 +7,8 @@ Stage I runs the recipe's own step (student forward, AlignmentLoss, backward, Ad
 demo-sized window (default: the 4 mm MNI brain's bounding box, T=2, ``small`` preset).
 Stage II times ``BridgeModel.answer_logits`` + CE + backward to the soft tokens through the
 frozen LLM; FLOPs/token = 4 x (non-embedding parameters): 2 forward + 2 for the input
-gradients (frozen weights get no weight gradient).
+gradients (frozen weights get no weight gradient). Tokens are those the LLM runs: the shared
+chat prefix counts once per step (``llm.tokens_run``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def bench_stage2(llm_name: str, batch: int, steps: int) -> dict:
         loss = StageTwoLoss(1.0)(logits, labels)["total"]
         loss.backward()
         times.append(time.perf_counter() - t)
-        n_tok = int(llm_mod.build_prompt_embeds(llm, tok, z.detach(), instr, answers)[1].sum())
+        mask = llm_mod.build_prompt_embeds(llm, tok, z.detach(), instr, answers,
+                                           system=bridge.system)[1]
+        n_tok = llm_mod.tokens_run(mask, llm_mod.prefix_length(tok, bridge.system))
     sec = sum(times[1:]) / steps
     tps = n_tok / sec
     return {"llm": llm_name, "dtype": str(llm.get_input_embeddings().weight.dtype), "batch": batch,

@@ -14,6 +14,18 @@ def tiny():
     return zoo.tiny_llm(hidden=32, layers=2)
 
 
+@pytest.fixture(scope="module")
+def sharp():
+    """A tiny LLM whose layers outweigh the residual stream, so its answers depend on the
+    prompt (a plain random one says the same whatever it is given)."""
+    model, tok = zoo.tiny_llm(hidden=32, layers=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.ndim == 2:
+                p.mul_(30.0)
+    return model, tok
+
+
 def test_prompt_embeds_shapes_soft_tokens_and_labels(tiny):
     model, tok = tiny
     soft = torch.randn(2, 3, 32)
@@ -22,18 +34,23 @@ def test_prompt_embeds_shapes_soft_tokens_and_labels(tiny):
         ["a red ball is bouncing .", "a cube ."], soft_scale=2.0)
     B, T, d = embeds.shape
     assert (B, d) == (2, 32) and mask.shape == labels.shape == (2, T)
-    # left padding: every row ends at the last column, padding only at the start
-    assert mask[:, -1].all() and (mask.diff(dim=1) >= 0).all()
+    # the shared chat prefix first in every row, then padding, then the rest: every row ends
+    # at the last column
+    P = llm.prefix_length(tok)
+    prefix, _, _ = llm.prompt_parts(tok, "describe the video .")
+    assert P == len(tok(prefix, add_special_tokens=False)["input_ids"]) > 0
+    assert mask[:, :P].all() and mask[:, -1].all() and (mask[:, P:].diff(dim=1) >= 0).all()
+    assert not mask[1].all()  # the shorter row is padded after its prefix
+    assert torch.equal(embeds[0, :P], embeds[1, :P])
     # labels: exactly the answer words plus the end-of-turn token, at the end of the row
     ans = [tok.decode(labels[b][labels[b] != -100]) for b in range(2)]
     assert ans[0].split() == "a red ball is bouncing . <|im_end|>".split()
     assert ans[1].split() == "a cube . <|im_end|>".split()
     assert (labels[0] != -100).sum() == 7 and (labels[1] != -100).sum() == 4
     # soft tokens sit in the user turn, scaled, right before the instruction
-    prefix, _, _ = llm.prompt_parts(tok, "describe the video .")
-    n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"])
-    start = T - int(mask[0].sum()) + n_prefix
-    assert torch.allclose(embeds[0, start:start + 3], soft[0] * 2.0)
+    for b in range(2):
+        start = T - (int(mask[b].sum()) - P)
+        assert torch.allclose(embeds[b, start:start + 3], soft[b] * 2.0)
     assert tok.decode(tok(prefix, add_special_tokens=False)["input_ids"]).rstrip().endswith("user")
 
 
@@ -49,10 +66,25 @@ def test_answer_loss_matches_full_lm_loss(tiny):
     embeds, mask, labels = llm.build_prompt_embeds(
         model, tok, torch.randn(2, 2, 32), ["describe the video .", "what is happening ?"],
         ["a red ball .", "a blue cube is spinning ."])
-    ours = llm.answer_loss(model, embeds, mask, labels)
     ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=llm.position_ids(mask),
                 labels=labels).loss
-    assert torch.allclose(ours, ref, atol=1e-5)
+    for prefix in (0, llm.prefix_length(tok)):  # the shared prefix run once changes nothing
+        ours = llm.answer_loss(model, embeds, mask, labels, prefix)
+        assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_hidden_after_prefix_equals_the_full_forward(tiny):
+    model, tok = tiny
+    soft = torch.randn(3, 2, 32)
+    instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?"]
+    embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft, instr, ["a red ball ."] * 3)
+    P = llm.prefix_length(tok)
+    full = model.model(inputs_embeds=embeds, attention_mask=mask,
+                       position_ids=llm.position_ids(mask)).last_hidden_state
+    ours = llm.hidden_after_prefix(model, embeds, mask, P)
+    assert ours.shape == (3, embeds.shape[1] - P, 32)
+    keep = mask[:, P:].bool()  # padding columns attend elsewhere and are never read
+    assert torch.allclose(ours[keep], full[:, P:][keep], atol=1e-5)
 
 
 def test_gradients_reach_soft_tokens_not_the_frozen_llm(tiny):
@@ -65,14 +97,21 @@ def test_gradients_reach_soft_tokens_not_the_frozen_llm(tiny):
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
 
 
-def test_batched_left_padded_generation_equals_one_by_one(tiny):
-    model, tok = tiny
-    soft = torch.randn(3, 2, 32)
+def test_batched_padded_generation_equals_one_by_one(sharp):
+    model, tok = sharp
+    soft = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(0))
     instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?"]
     batched = llm.generate(model, tok, soft, instr, max_new_tokens=6)
+    assert len(set(batched)) == 3, batched  # the prompts lead to different answers
     single = [llm.generate(model, tok, soft[i:i + 1], instr[i:i + 1], max_new_tokens=6)[0]
               for i in range(3)]
     assert batched == single
+    # the shared prefix cache changes nothing: HF generate on the whole prompt gives the same
+    embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft, instr)
+    whole = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6,
+                           do_sample=False, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    assert [t.strip() for t in tok.batch_decode(whole, skip_special_tokens=True)] == batched
     assert llm.generate(model, tok, soft, instr, max_new_tokens=6) == batched  # greedy: same
     s1 = llm.generate(model, tok, soft, instr, max_new_tokens=6, greedy=False, seed=3)
     s2 = llm.generate(model, tok, soft, instr, max_new_tokens=6, greedy=False, seed=3)

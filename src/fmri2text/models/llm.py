@@ -9,11 +9,15 @@ folder (a real LLaMA-2-7B-chat / Vicuna checkpoint) loads through the same funct
 
 Prompt layout (one row of a batch; soft tokens go in the user turn before the instruction)::
 
-    [pad …] <chat prefix> <soft tokens S_1..S_L> <instruction> <assistant header> [answer <eos>]
+    <chat prefix> [pad …] <soft tokens S_1..S_L> <instruction> <assistant header> [answer <eos>]
     labels:  -100 everywhere except the answer tokens and the closing end-of-turn token
 
-Rows are left padded, for training and generation alike, so the prompt always ends at the
-same column and position ids follow the attention mask.
+The chat prefix (system turn and user header) is the same in every row, so it stands first
+and its keys and values are computed once per batch, at batch size 1, and shared by all rows
+(:func:`prefix_cache`): a fifth to a third of the tokens of a Stage II or captioning step and
+of a generation prompt (BENCHMARKS). The padding follows it, so every prompt ends at the same
+column; position ids follow the attention mask, so each token sits where it would without
+padding.
 """
 
 from __future__ import annotations
@@ -214,7 +218,7 @@ def build_prompt_embeds(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
                         instructions: list[str], answers: list[str] | None = None, *,
                         soft_scale: float = 1.0, system: str | None = None,
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """Assemble left-padded chat prompts with soft tokens as LLM input embeddings.
+    """Assemble chat prompts with soft tokens as LLM input embeddings (layout: module docstring).
 
     Parameters
     ----------
@@ -232,6 +236,7 @@ def build_prompt_embeds(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
     -------
     inputs_embeds: (B, T, d) in the embedding dtype; attention_mask: (B, T) long;
     labels: (B, T) long, the answer tokens and end-of-turn token, -100 elsewhere.
+    The first :func:`prefix_length` columns hold the chat prefix in every row.
     """
     B = len(instructions)
     if soft_tokens is not None and soft_tokens.shape[0] != B:
@@ -241,23 +246,28 @@ def build_prompt_embeds(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
     emb = model.get_input_embeddings()
     dtype, device = emb.weight.dtype, emb.weight.device
     L = 0 if soft_tokens is None else soft_tokens.shape[1]
-    rows = []  # (prefix ids, suffix+answer ids, n answer ids)
+    prefix = _ids(tokenizer, prompt_parts(tokenizer, "", system)[0])  # the same in every row
+    P = len(prefix)
+    rests = []  # (suffix+answer ids, n answer ids) after the soft tokens
     for i, instr in enumerate(instructions):
-        prefix, suffix, eot = prompt_parts(tokenizer, instr, system)
+        p, suffix, eot = prompt_parts(tokenizer, instr, system)
+        if _ids(tokenizer, p) != prefix:
+            raise ValueError(f"the chat prefix depends on the instruction {instr!r}")
         ans = _ids(tokenizer, answers[i].strip() + eot) if answers is not None else []
-        rows.append((_ids(tokenizer, prefix), _ids(tokenizer, suffix) + ans, len(ans)))
-    T = max(len(p) + L + len(s) for p, s, _ in rows)
+        rests.append((_ids(tokenizer, suffix) + ans, len(ans)))
+    T = P + max(L + len(r) for r, _ in rests)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     is_soft = torch.zeros(B, T, dtype=torch.bool)
     mask = torch.zeros(B, T, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
-    for b, (p, s, n_ans) in enumerate(rows):
-        n = len(p) + L + len(s)
-        start = T - n  # left padding
-        ids[b, start:start + len(p)] = torch.tensor(p, dtype=torch.long)
-        is_soft[b, start + len(p):start + len(p) + L] = True
-        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+    if P:
+        ids[:, :P] = torch.tensor(prefix, dtype=torch.long)
+        mask[:, :P] = 1
+    for b, (r, n_ans) in enumerate(rests):
+        start = T - L - len(r)  # padding fills the columns between the prefix and here
+        is_soft[b, start:start + L] = True
+        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[b, start:] = 1
         if n_ans:
             labels[b, T - n_ans:] = ids[b, T - n_ans:]
@@ -268,22 +278,59 @@ def build_prompt_embeds(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
     return embeds, mask.to(device), labels.to(device)
 
 
+def prefix_length(tokenizer, system: str | None = None) -> int:
+    """Tokens of the chat prefix that :func:`build_prompt_embeds` puts first in every row."""
+    return len(_ids(tokenizer, prompt_parts(tokenizer, "", system)[0]))
+
+
+def prefix_cache(model: nn.Module, inputs_embeds: Tensor, prefix: int):
+    """Keys and values of the shared first ``prefix`` columns for all B rows, computed once.
+
+    The prefix is the same text in every row and depends on no trainable input, so one row
+    is run (without gradients) and its cache repeated over the batch. None when ``prefix``
+    is 0.
+    """
+    if prefix <= 0:
+        return None
+    with torch.no_grad():
+        cache = model.model(inputs_embeds=inputs_embeds[:1, :prefix], use_cache=True).cache
+    cache.batch_repeat_interleave(inputs_embeds.shape[0])
+    return cache
+
+
+def tokens_run(attention_mask: Tensor, prefix: int) -> int:
+    """Tokens the LLM computes for a batch: each row's own tokens, plus the shared prefix once."""
+    return int(attention_mask[:, prefix:].sum()) + prefix
+
+
+def hidden_after_prefix(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor,
+                        prefix: int) -> Tensor:
+    """Last hidden states (B, T - prefix, d) of the columns after the shared chat prefix.
+
+    Equal (up to rounding) to running all T columns; the prefix runs once (:func:`prefix_cache`).
+    """
+    cache = prefix_cache(model, inputs_embeds, prefix)
+    out = model.model(inputs_embeds=inputs_embeds[:, prefix:], attention_mask=attention_mask,
+                      position_ids=position_ids(attention_mask)[:, prefix:], cache=cache,
+                      use_cache=cache is not None)
+    return out.last_hidden_state
+
+
 def position_ids(attention_mask: Tensor) -> Tensor:
     """(B, T) positions counting only attended tokens (0 for left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def answer_loss(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor,
-                labels: Tensor) -> Tensor:
+                labels: Tensor, prefix: int = 0) -> Tensor:
     """Mean cross-entropy over labelled answer tokens through the (frozen) LLM.
 
-    The LM head runs only on the positions that predict a label, which saves most of the
-    vocabulary projection (49k x 576 for SmolLM2) on long prompts.
+    ``prefix``: the shared chat prefix columns (:func:`prefix_length`), run once. The LM head
+    runs only on the positions that predict a label, which saves most of the vocabulary
+    projection (49k x 576 for SmolLM2) on long prompts.
     """
-    out = model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask), use_cache=False)
-    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, d): position t predicts token t+1
-    target = labels[:, 1:]  # (B, T-1)
+    hidden = hidden_after_prefix(model, inputs_embeds, attention_mask, prefix)[:, :-1]
+    target = labels[:, prefix + 1:]  # (B, T-prefix-1): column t predicts token t+1
     keep = target != -100
     logits = model.lm_head(hidden[keep])  # (K, V)
     return nn.functional.cross_entropy(logits.float(), target[keep])
@@ -320,6 +367,9 @@ def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructio
                                               soft_scale=soft_scale, system=system)
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=temperature, top_p=top_p)
+        cache = prefix_cache(model, embeds, prefix_length(tokenizer, system))
+        if cache is not None:  # generate runs only the columns the cache does not hold
+            kwargs["cache"] = cache
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + start)
             new = model.generate(inputs_embeds=embeds, attention_mask=mask,

@@ -276,7 +276,8 @@ class VideoLLaMATeacher(nn.Module):
         """Captioning cross-entropy given video tokens (B, L, d_llm)."""
         embeds, mask, labels = llm_mod.build_prompt_embeds(
             self.llm, self.tokenizer, tokens, instructions, answers, system=self.system)
-        return llm_mod.answer_loss(self.llm, embeds, mask, labels)
+        return llm_mod.answer_loss(self.llm, embeds, mask, labels,
+                                   llm_mod.prefix_length(self.tokenizer, self.system))
 
     @torch.no_grad()
     def answer_from_tokens(self, tokens: Tensor, instructions: list[str], **gen) -> list[str]:

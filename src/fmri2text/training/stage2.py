@@ -65,16 +65,16 @@ class BridgeModel(nn.Module):
 
     def answer_logits(self, z: torch.Tensor, instructions: list[str], answers: list[str]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, K, V) and labels (B, K) over the answer span only (prompts are left
-        padded, so every answer ends at the last column); CE over them equals the full one."""
+        """Logits (B, K, V) and labels (B, K) over the answer span only (every answer ends
+        at the last column); CE over them equals the full one."""
         llm, tok = self._frozen
         embeds, mask, labels = llm_mod.build_prompt_embeds(llm, tok, z, instructions, answers,
                                                            system=self.system)
-        hidden = llm.model(inputs_embeds=embeds, attention_mask=mask,
-                           position_ids=llm_mod.position_ids(mask), use_cache=False).last_hidden_state
+        prefix = llm_mod.prefix_length(tok, self.system)  # run once, shared by the rows
+        hidden = llm_mod.hidden_after_prefix(llm, embeds, mask, prefix)  # (B, T - prefix, d)
         first = int((labels != -100).float().argmax(dim=1).min())  # first answer column
-        start = max(first - 1, 0)  # column start predicts the first answer token
-        return llm.lm_head(hidden[:, start:]), labels[:, start:]  # (B, K, V), (B, K)
+        start = max(first - 1, prefix)  # column start predicts the first answer token
+        return llm.lm_head(hidden[:, start - prefix:]), labels[:, start:]  # (B, K, V), (B, K)
 
     def forward(self, src_fmri: torch.Tensor, instructions: list[str], answers: list[str],
                 src_labels: torch.Tensor | None = None, tgt_fmri: torch.Tensor | None = None,
