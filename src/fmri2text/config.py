@@ -59,6 +59,7 @@ class DataConfig:
     hrf_model: str = "glover"  # HRF of lsa/lss trial regressors: glover | spm (nilearn)
     high_pass: float = 0.01  # Hz, cosine drift regressors
     standardize: bool = True  # z-score each voxel within its run
+    smoothing_fwhm: float = 9.0  # mm, Gaussian smoothing of the student's windows in the mask; 0 = none
     captions: str = "derivatives/simulation/captions.json"  # relative to the dataset root
     max_bad_voxel_fraction: float = 0.05  # NaN/constant voxels above this are fatal
     # layout of the dataset (data/bids.py); task may list several: "train,test"
@@ -473,6 +474,8 @@ def validate(cfg: Config, source: Any = None) -> None:
         (s.cnr_scale >= 0, "simulate.cnr_scale", s.cnr_scale, "zero or positive"),
         (s.web_clips >= 0, "simulate.web_clips", s.web_clips, "zero or positive"),
         (cfg.data.window >= 1, "data.window", cfg.data.window, "at least 1 volume"),
+        (cfg.data.smoothing_fwhm >= 0, "data.smoothing_fwhm", cfg.data.smoothing_fwhm,
+         "zero (none) or a positive FWHM in mm"),
         (cfg.data.space in ("raw", "fmriprep", "cifti"), "data.space", cfg.data.space,
          "one of raw, fmriprep, cifti"),
         (0 < cfg.split.adapt_fraction < 1, "split.adapt_fraction", cfg.split.adapt_fraction,

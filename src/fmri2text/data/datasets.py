@@ -85,16 +85,59 @@ def window_responses(trials: pd.DataFrame, data: DataConfig):
                                feature_mask=np.asarray(responses.feature_mask, bool))
 
 
+def smooth_windows(data: np.ndarray, feature_mask: np.ndarray, grid: tuple[int, int, int] | None,
+                   affine: np.ndarray | None, fwhm: float, chunk: int = 64) -> np.ndarray:
+    """Gaussian spatial smoothing of every window volume, within the brain mask.
+
+    The FWHM is in mm (sigma = FWHM / sqrt(8 ln 2) per axis, in voxels of ``affine``, as in
+    nilearn's ``smooth_img``); the smoothed map is divided by the smoothed mask, so voxels at
+    the brain's edge are averages of brain voxels, not pulled toward the zeros outside.
+    Smoothing keeps what subjects share (the coarse topography) over each subject's fine
+    detail: Stage I's held-out 2-way identification rose from 65 % to 77 % (BENCHMARKS).
+
+    Parameters
+    ----------
+    data : (n, T, F) float32 over ``feature_mask`` (C order over ``grid``).
+    grid, affine : the volume grid and its voxel-to-world matrix; None for surface data,
+        which is returned unchanged (as is everything when ``fwhm`` is 0).
+
+    Returns
+    -------
+    (n, T, F) float32, a new array.
+    """
+    if fwhm <= 0 or grid is None:
+        return data
+    from nibabel.affines import voxel_sizes
+    from scipy.ndimage import gaussian_filter
+
+    sigma = fwhm / np.sqrt(8 * np.log(2)) / voxel_sizes(np.asarray(affine))  # (3,) voxels
+    crop = VolumeCrop(feature_mask, grid)  # outside the box every voxel is outside the mask
+    index = crop.index.numpy()
+    weight = np.zeros(int(np.prod(crop.shape)), np.float32)
+    weight[index] = 1.0
+    weight = gaussian_filter(weight.reshape(crop.shape), sigma, mode="constant").reshape(-1)[index]
+    out = np.empty_like(data, dtype=np.float32)
+    for s in range(0, len(data), chunk):
+        vol = crop(torch.from_numpy(np.ascontiguousarray(data[s:s + chunk], np.float32))).numpy()
+        vol = gaussian_filter(vol, (0, 0, *sigma), mode="constant")  # (c, T, X', Y', Z')
+        out[s:s + chunk] = vol.reshape(*vol.shape[:2], -1)[..., index] / weight
+    return out
+
+
 def load_windows(bids: str | Path, cfg: Config) -> FmriWindows:
-    """Trials of ``bids`` with splits (leakage checked) and their (T, F) windows."""
+    """Trials of ``bids`` with splits (leakage checked) and their (T, F) windows, smoothed
+    by ``data.smoothing_fwhm`` within the common mask."""
     from fmri2text.data.bids import load_trials
     from fmri2text.data.splits import assign_splits, check_leakage
 
     trials = assign_splits(load_trials(Path(bids), cfg.data), cfg.split)
     check_leakage(trials)
     responses = window_responses(trials, cfg.data)
-    grid = None if responses.mask_img is None else tuple(int(s) for s in responses.mask_img.shape[:3])
-    return FmriWindows(trials.reset_index(drop=True), responses.data, responses.feature_mask, grid)
+    img = responses.mask_img
+    grid = None if img is None else tuple(int(s) for s in img.shape[:3])
+    data = smooth_windows(responses.data, responses.feature_mask, grid,
+                          None if img is None else img.affine, cfg.data.smoothing_fwhm)
+    return FmriWindows(trials.reset_index(drop=True), data, responses.feature_mask, grid)
 
 
 # ----------------------------------------------------------------------------- unmasking

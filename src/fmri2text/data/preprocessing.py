@@ -128,6 +128,7 @@ class Preprocessing:
             if unknown:
                 raise UserError(f"unknown data settings {unknown} (written by a newer fmri2text?)",
                                 path=config_path, fix="upgrade fmri2text, or " + fix)
+            data.setdefault("smoothing_fwhm", 0.0)  # decoders saved before it existed: none
             grid = None if section["grid"] is None else tuple(int(g) for g in section["grid"])
             affine = None if section["affine"] is None else np.asarray(section["affine"], np.float64)
             n_grid, n_features = int(section["n_grid"]), int(section["n_features"])
@@ -184,7 +185,7 @@ class Preprocessing:
     def windows(self, bold, events: str | Path | None = None,
                 onsets: Sequence[float] | None = None, tr: float | None = None) -> Trials:
         """One run's trials and windows (see :meth:`fmri2text.api.Decoder.windows`)."""
-        from fmri2text.data.datasets import window_responses
+        from fmri2text.data.datasets import smooth_windows, window_responses
 
         if (events is None) == (onsets is None):
             raise UserError("give the run's trials as events= (a BIDS events.tsv) or onsets= "
@@ -203,6 +204,8 @@ class Preprocessing:
                             fix="check the run's preprocessing (same space and brain coverage "
                                 "as the training data)")
         data = responses.data[..., self.feature_mask[run_good]]  # (n, T, F), C order as in training
+        data = smooth_windows(data, self.feature_mask, self.grid, self.affine,
+                              self.data.smoothing_fwhm)  # within the training mask, as in training
         table["bold_path"] = str(shown)  # not the temporary copy of an in-memory image
         return Trials(table, np.ascontiguousarray(data))
 

@@ -98,9 +98,11 @@ def _sha256_json(obj) -> str:
 
 
 def _data_settings(cfg: DataConfig) -> dict:
-    """The data config fields that change a subject's responses (``workers`` does not)."""
+    """The data config fields that change a subject's responses (``workers`` does not; the
+    store holds unsmoothed windows, so neither does ``smoothing_fwhm``)."""
     d = asdict(cfg)
     d.pop("workers")
+    d.pop("smoothing_fwhm")
     return d
 
 
