@@ -28,7 +28,7 @@ TINY = ["simulate.subjects=3", "simulate.runs=1", "simulate.classes=4", "simulat
         "teacher.video_queries=4", "teacher.image_layers=1", "teacher.video_layers=1",
         "teacher.itc_steps=3", "teacher.itc_batch_size=8", "teacher.steps=4", "teacher.batch_size=4", "teacher.max_new_tokens=8",
         "encoder.preset=tiny", "encoder.projector_dim=32", "encoder.projector_heads=2",
-        "mbm.steps=4", "mbm.batch_size=4", "stage1.steps=4", "stage1.batch_size=8",
+        "stage1.mbm_checkpoint=auto", "mbm.steps=4", "mbm.batch_size=4", "stage1.steps=4", "stage1.batch_size=8",
         "stage2.steps=2", "stage2.batch_size=4", "stage2.target_batch_size=4",
         "pipeline.decode_max_new_tokens=8", "evaluation.n_permutations=200"]
 METRIC_KEYS = {"bertscore_p", "bertscore_r", "bertscore_f1", "bleu1", "bleu2", "rougeL_p",

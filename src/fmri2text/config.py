@@ -239,7 +239,9 @@ class Stage1Config:
     keep_last: int = 2  # checkpoints kept
     log_every: int = 10  # steps between log.jsonl / TensorBoard writes
     mixed_precision: str = "auto"  # auto (bf16 only where native: GPU, AVX-512) | bf16 | no
-    mbm_checkpoint: str = "auto"  # auto: RUN/mbm/mbm.safetensors or RUN/mbm.safetensors if present; "" none
+    # '' none: at demo scale MBM init made the decoder worse (BENCHMARKS); auto: RUN/mbm/mbm.safetensors
+    # or RUN/mbm.safetensors (fmri2text run then runs pretrain-mbm); or a file
+    mbm_checkpoint: str = ""
     annotations: str = "annotations"  # folder of the teacher's annotations, relative to RUN
     eval_batch_size: int = 32
     seed: int = 0

@@ -357,7 +357,8 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
                  log: Log = _noop) -> RunResult:
     """prepare → teacher fit → annotate → pretrain-mbm → stage1 → stage2 → decode →
     evaluate → report → export (``out/model``) into the run directory ``out``, skipping
-    unchanged steps.
+    unchanged steps. pretrain-mbm runs when Stage I starts from it
+    (``stage1.mbm_checkpoint=auto``).
 
     With ``simulate`` the dataset is first simulated into ``out/bids`` (reused when the
     simulate config is unchanged). The teacher step runs when the dataset has the
@@ -402,14 +403,16 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
                             fix="rerun fmri2text run (or fmri2text train stage2 --resume)")
 
     ann = [f"{cfg.stage1.annotations}/annotations-{{h}}.json", "eval_annotations/annotations-{h}.json"]
+    mbm = cfg.stage1.mbm_checkpoint == "auto"  # Stage I starts from this run's MBM encoder
     plan = [
         Step("prepare", lambda: prepare(bids, out / "prepared", cfg, log=quiet),
              ["prepared/manifest.json"], []),
         Step("teacher", lambda: steps.run_teacher_fit(bids, out, cfg, log), ["teacher/teacher.json"], []),
         Step("annotate", lambda: steps.run_annotate(bids, out, cfg, quiet), [], ["teacher"]),
         Step("pretrain-mbm", lambda: steps.run_pretrain_mbm(bids, out, cfg, log),
-             ["mbm/mbm.safetensors"], []),
-        Step("stage1", stage1, ["stage1/student.safetensors"], ["annotate", "pretrain-mbm"]),
+             ["mbm/mbm.safetensors"], []) if mbm else None,
+        Step("stage1", stage1, ["stage1/student.safetensors"],
+             ["annotate", "pretrain-mbm"] if mbm else ["annotate"]),
         Step("stage2", stage2, ["stage2/student.safetensors"], ["stage1", "annotate"]),
         Step("decode", lambda: decoding.run_decode(bids, out, cfg, log=log),
              ["predictions.jsonl", "controls/shuffled.jsonl", "controls/prompt_only.jsonl",
@@ -422,6 +425,7 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
         Step("export", lambda: export_run_model(out, cfg), ["model/config.json"],
              ["prepare", "teacher", "stage2", "evaluate"], reads_dataset=False),
     ]
+    plan = [step for step in plan if step is not None]
     for i, step in enumerate(plan, 1):
         if step.name == "annotate":  # its files are named by the teacher's hash
             digest = json.loads((out / "teacher" / "teacher.json").read_text())["checkpoint_hash"]
