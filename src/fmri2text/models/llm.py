@@ -246,7 +246,7 @@ def build_prompt_embeds(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
     emb = model.get_input_embeddings()
     dtype, device = emb.weight.dtype, emb.weight.device
     L = 0 if soft_tokens is None else soft_tokens.shape[1]
-    prefix = _ids(tokenizer, prompt_parts(tokenizer, "", system)[0])  # the same in every row
+    prefix = _prefix_ids(tokenizer, system)  # the same in every row
     P = len(prefix)
     rests = []  # (suffix+answer ids, n answer ids) after the soft tokens
     for i, instr in enumerate(instructions):
@@ -278,9 +278,13 @@ def build_prompt_embeds(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
     return embeds, mask.to(device), labels.to(device)
 
 
+def _prefix_ids(tokenizer, system: str | None) -> list[int]:
+    return _ids(tokenizer, prompt_parts(tokenizer, "", system)[0])
+
+
 def prefix_length(tokenizer, system: str | None = None) -> int:
     """Tokens of the chat prefix that :func:`build_prompt_embeds` puts first in every row."""
-    return len(_ids(tokenizer, prompt_parts(tokenizer, "", system)[0]))
+    return len(_prefix_ids(tokenizer, system))
 
 
 def prefix_cache(model: nn.Module, inputs_embeds: Tensor, prefix: int):
