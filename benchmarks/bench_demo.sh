@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Wall time and peak RSS of `fmri2text demo` (cold: fresh run directory and empty model cache;
-# warm: same run directory, dataset and caches reused) and of `fmri2text simulate` alone.
+# Wall time and peak RSS of `fmri2text demo` (the whole pipeline, `run --simulate`) cold (fresh
+# run directory, empty model cache) and warm (same run directory and caches: every step is
+# skipped), and of `fmri2text simulate` alone; then the demo's table against its controls.
 # Usage: bash benchmarks/bench_demo.sh [OUTDIR]   (results printed; copy them to BENCHMARKS.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +21,19 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GB, $(uname -
 measure simulate "$BIN" simulate --out "$OUT/sim"
 measure demo_cold "$BIN" demo --out "$OUT/demo"
 measure demo_warm "$BIN" demo --out "$OUT/demo"
-.venv/bin/python - "$OUT/demo/metrics.json" <<'PY'
+.venv/bin/python - "$OUT/demo" <<'PY'
 import json, sys
-m = json.load(open(sys.argv[1]))
-t, c = m["total"], m["controls"]
-for k in ("bertscore_f1", "bleu1"):
-    print(f"total {k}: decoder {t[k]:.2f}  shuffled {c['shuffled'][k]:.2f}  gap {t[k]-c['shuffled'][k]:+.2f}")
-print("timings:", m.get("timings_s"))
+from pathlib import Path
+run = Path(sys.argv[1])
+m = json.loads((run / "metrics.json").read_text())
+rows = {**m["subjects"], "total": m["total"]}
+perm = {**m["permutation"]["subjects"], "total": m["p_values"]}
+for s, row in rows.items():
+    for k in ("bertscore_f1", "bleu1"):
+        ctl = {c: (m["controls"][c] if s == "total" else m["controls_subjects"][c][s])[k]
+               for c in m["controls"]}
+        print(f"{s:7s} {k:12s} decoder {row[k]:6.2f}  "
+              + "  ".join(f"{c} {v:6.2f}" for c, v in ctl.items()) + f"  p {perm[s][k]:.4f}")
+steps = json.loads((run / "steps.json").read_text())
+print("step seconds:", {k: v["seconds"] for k, v in steps.items()})
 PY

@@ -1,4 +1,4 @@
-"""``fmri2text run`` end to end on a tiny config, step skipping, and the leakage guard.
+"""``fmri2text demo`` / ``run`` end to end on a tiny config, step skipping, and the leakage guard.
 
 The end-to-end run uses every real component (simulator, teacher with its frozen
 EfficientNet backbone and MiniLM-initialised Q-Formers, MBM, Stage I, Stage II with DANCE,
@@ -22,15 +22,8 @@ from fmri2text.errors import UserError
 from fmri2text.pipeline import STEP_SECTIONS, Step, StepRunner
 from fmri2text.steps import check_annotation_store, check_training_inputs
 
-TINY = ["simulate.subjects=3", "simulate.runs=1", "simulate.classes=4", "simulate.resolution=8",
-        "simulate.web_clips=16", "simulate.frame_size=32", "split.n_heldout=1",
-        "teacher.image_size=64", "teacher.n_frames=4", "teacher.image_queries=4",
-        "teacher.video_queries=4", "teacher.image_layers=1", "teacher.video_layers=1",
-        "teacher.itc_steps=3", "teacher.itc_batch_size=8", "teacher.steps=4", "teacher.batch_size=4", "teacher.max_new_tokens=8",
-        "encoder.preset=tiny", "encoder.projector_dim=32", "encoder.projector_heads=2",
-        "stage1.mbm_checkpoint=auto", "mbm.steps=4", "mbm.batch_size=4", "stage1.steps=4", "stage1.batch_size=8",
-        "stage2.steps=2", "stage2.batch_size=4", "stage2.target_batch_size=4",
-        "pipeline.decode_max_new_tokens=8", "evaluation.n_permutations=200"]
+#: the tiny config of tests, CI and the examples (every real component at toy sizes)
+TINY = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")]
 METRIC_KEYS = {"bertscore_p", "bertscore_r", "bertscore_f1", "bleu1", "bleu2", "rougeL_p",
                "rougeL_r", "rougeL_f"}
 FIELDS = {"subject", "run", "onset", "stim", "instruction", "video2text", "fmri2text", "truth"}
@@ -57,10 +50,11 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_llm_dir):
+    """``fmri2text demo`` on the tiny config; ``args`` is the same run as ``run --simulate``."""
     out = tmp_path_factory.mktemp("run")
-    args = ["run", "--simulate", "--out", out, *TINY, f"teacher.llm={tiny_llm_dir}"]
-    first = cli(*args)
+    first = cli("demo", "--out", out, *TINY, f"teacher.llm={tiny_llm_dir}")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    args = ["run", "--simulate", "--out", out, *TINY, f"teacher.llm={tiny_llm_dir}"]
     return out, args, first
 
 
@@ -92,6 +86,14 @@ def test_run_writes_the_contract(finished_run):
     assert "sub-03" in html and "<script>alert" not in html
     assert (out / "brain_map.nii.gz").is_file() and (out / "mbm" / "mbm.safetensors").is_file()
     assert set(json.loads((out / "steps.json").read_text())) == set(STEP_NAMES)
+    # what demo prints: the table, then where the metrics, report and decoder are
+    table = r.stdout[r.stdout.index("fMRI2Text vs video2text"):]
+    assert "sub-03" in table and "Total" in table and "shuffled" in table
+    flat = r.stdout.replace("\n", "")
+    for line in (f"metrics: {out / 'metrics.json'}", f"report: {out / 'report.html'}",
+                 f"decoder: {out / 'model'}"):
+        assert line in flat, line
+    assert (out / "model" / "config.json").is_file()
 
 
 def test_test_clips_never_in_training_annotations(finished_run):
@@ -106,6 +108,7 @@ def test_test_clips_never_in_training_annotations(finished_run):
 
 
 def test_second_run_skips_every_step(finished_run):
+    """demo is ``run --simulate``: run on the demo's folder finds every step up to date."""
     out, args, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in (out / "metrics.json", out / "report.html",
                                                  out / "stage2" / "student.safetensors")}

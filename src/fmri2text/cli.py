@@ -89,16 +89,14 @@ def demo(
     config: Optional[Path] = CONFIG_OPT,
     overrides: Optional[list[str]] = OVERRIDES_ARG,
 ) -> None:
-    """Simulate a small dataset and decode its held-out subjects end to end (embedded default)."""
-    from fmri2text.pipeline import run_demo
+    """The paper's whole pipeline on the embedded default: `fmri2text run --simulate --out OUT`."""
+    from fmri2text.pipeline import run_pipeline
 
     cfg = _load(config, overrides)
+    _check_out_dir(out)
     with run_lock(out, "demo"):
-        result = run_demo(out, cfg, log=console.print)
-    console.print(result.table)
-    console.print(f"metrics: [bold]{result.metrics_path}[/bold]")
-    console.print(f"predictions: [bold]{result.predictions_path}[/bold]")
-    console.print(f"report: [bold]{result.report_path}[/bold]")
+        result = run_pipeline(None, out, cfg, simulate=True, log=_log)
+    _print_result(result)
 
 
 @app.command()
@@ -240,16 +238,27 @@ def run_all(bids: Optional[Path] = typer.Option(None, "--bids", help="Root of th
         raise UserError("give either --bids DIR or --simulate (not both, not neither)",
                         fix="fmri2text run --bids DATASET --out RUN, or fmri2text run --simulate "
                             "--out RUN")
-    if out.exists() and not out.is_dir():
-        raise UserError("the run directory is a file, not a folder", path=out,
-                        fix="pass a folder path (it is created if missing)")
+    _check_out_dir(out)
     if bids is not None:
         _check_bids(bids, cfg)
     with run_lock(out, "run"):
         result = run_pipeline(bids, out, cfg, simulate=simulate, log=_log)
+    _print_result(result)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError("the run directory is a file, not a folder", path=out,
+                        fix="pass a folder path (it is created if missing)")
+
+
+def _print_result(result) -> None:
+    """The per-subject table and where the run's outputs are (run and demo)."""
     console.print(result.table, markup=False, highlight=False)
     console.print(f"metrics: [bold]{escape(str(result.metrics_path))}[/bold]")
     console.print(f"report: [bold]{escape(str(result.report_path))}[/bold]")
+    console.print(f"decoder: [bold]{escape(str(result.model_path))}[/bold] "
+                  "(fmri2text.Decoder.from_pretrained)")
 
 
 @app.command("config")

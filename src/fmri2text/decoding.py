@@ -246,11 +246,19 @@ def _write_saliency(run: Path, windows, trials, values: np.ndarray) -> None:
         return
     import nibabel as nib
 
-    from fmri2text.pipeline import write_brain_map
-
     affine = nib.load(str(trials["bold_path"].iat[0])).affine
     mask = windows.feature_mask.reshape(windows.grid).astype(np.uint8)
     write_brain_map(run / "brain_map.nii.gz", values, nib.Nifti1Image(mask, affine))
+
+
+def write_brain_map(path: Path, values: np.ndarray, mask_img) -> None:
+    """Write per-feature ``values`` (n_features,) back into the volume of ``mask_img``."""
+    import gzip
+
+    from nilearn.masking import unmask
+
+    img = unmask(values.astype(np.float32), mask_img)
+    write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
 
 
 # ----------------------------------------------------------------------------- evaluate

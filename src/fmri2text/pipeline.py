@@ -1,4 +1,4 @@
-"""Steps that chain the package's components into commands (simulate, demo).
+"""Steps that chain the package's components into commands (simulate, run, demo).
 
 Each step reads and writes files in a run directory; the CLI is a thin layer over these.
 """
@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from fmri2text.config import Config, dump_config, to_dict
 from fmri2text.errors import UserError
-from fmri2text.io import ensure_output_dir, write_bytes, write_json, write_jsonl, write_text
+from fmri2text.io import ensure_output_dir, write_json, write_text
 
 Log = Callable[[str], None]
 
@@ -76,139 +74,6 @@ def simulation_stamp(out: Path) -> dict | None:
         return json.loads(stamp.read_text())
     except (OSError, ValueError):
         return {}  # a damaged stamp: still the simulator's folder, rewrite it
-
-
-@dataclass
-class DemoResult:
-    """What ``fmri2text demo`` produced."""
-
-    metrics: dict
-    table: object
-    metrics_path: Path
-    predictions_path: Path
-    report_path: Path
-
-
-def _clip_texts(trials) -> list[str]:
-    """The reference text of each trial's clip: its first true caption (or class name)."""
-    return [caps[0] if len(caps) else name for caps, name in zip(trials["captions"], trials["class_name"])]
-
-
-def run_demo(out: Path, cfg: Config, log: Log = _noop) -> DemoResult:
-    """Simulate → extract responses → ridge baseline → decode held-out → evaluate.
-
-    Writes ``config.yaml``, ``predictions.jsonl``, ``controls/*.jsonl`` and ``metrics.json``
-    into the run directory ``out``.
-    """
-    out = ensure_output_dir(out, what="run directory")
-
-    from fmri2text.data.bids import load_trials
-    from fmri2text.data.fmri import extract_responses
-    from fmri2text.data.splits import assign_splits, check_leakage
-    from fmri2text.evaluation.baselines import RidgeBaseline
-    from fmri2text.evaluation.evaluate import evaluate, format_table, shuffle_within_subject
-    from fmri2text.evaluation.metrics import TextScorer
-
-    write_text(out / "config.yaml", dump_config(cfg))
-    timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    bids = run_simulate(out / "bids", cfg, log, reuse=True)
-    timings["simulate"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    trials = assign_splits(load_trials(bids, cfg.data), cfg.split)
-    check_leakage(trials)
-    responses = extract_responses(trials, cfg.data)
-    timings["extract"] = time.perf_counter() - t
-    log(f"data: {len(trials)} trials, {responses.data.shape[1]} features, "
-        f"{timings['extract']:.1f} s")
-
-    texts = _clip_texts(trials)
-    train = (trials["split"] == "train").to_numpy()
-    test = (trials["split"] == "test").to_numpy()
-    X = responses.data
-
-    t = time.perf_counter()
-    ridge = RidgeBaseline(cfg.baseline)
-    train_idx = np.flatnonzero(train)
-    # cross-validation folds hold out whole subjects: the penalty is chosen for new people
-    ridge.fit(X[train_idx], [texts[i] for i in train_idx],
-              groups=trials["subject"].to_numpy()[train_idx])
-    test_idx = np.flatnonzero(test)
-    test_subjects = trials["subject"].to_numpy()[test_idx]
-    decoded = ridge.decode(X[test_idx])
-    shuffled = ridge.decode(shuffle_within_subject(X[test_idx], test_subjects, cfg.evaluation.seed))
-    timings["ridge"] = time.perf_counter() - t
-
-    instruction = cfg.evaluation.instruction
-
-    def rows(hyps: list[str]) -> list[dict]:
-        return [{
-            "subject": f"sub-{trials['subject'].iat[i]}",
-            "run": int(trials["run"].iat[i]),
-            "onset": float(trials["onset"].iat[i]),
-            "stim": str(trials["stim_file"].iat[i]),
-            "instruction": instruction,
-            "video2text": None,
-            "fmri2text": h,
-            "truth": list(trials["captions"].iat[i]) or None,
-        } for i, h in zip(test_idx, hyps)]
-
-    predictions = rows(decoded)
-    # the decoder here *is* the ridge baseline, so it is not listed again as its own control
-    controls = {"shuffled": rows(shuffled)}
-    prompt_only = _prompt_only_control(cfg, len(test_idx), log)
-    if prompt_only is not None:
-        controls["prompt_only"] = rows(prompt_only)
-
-    t = time.perf_counter()
-    pred_emb = ridge.predict_embeddings(X[test_idx])
-    cand_emb = ridge.embed([texts[i] for i in test_idx])
-    retrieval = {"pred": pred_emb, "candidates": cand_emb, "subjects": test_subjects}
-    metrics = evaluate(predictions, controls, TextScorer(cfg.evaluation), cfg.evaluation,
-                       retrieval=retrieval)
-    metrics["decoder"] = "ridge"
-    timings["evaluate"] = time.perf_counter() - t
-    metrics["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-
-    write_jsonl(out / "predictions.jsonl", predictions)
-    for name, ctl in controls.items():
-        write_jsonl(out / "controls" / f"{name}.jsonl", ctl)
-    write_json(out / "metrics.json", metrics)
-    if responses.mask_img is not None:
-        # where the decoder draws its information: per-voxel norm of the ridge weights
-        write_brain_map(out / "brain_map.nii.gz", np.linalg.norm(ridge.coef_, axis=1),
-                        responses.mask_img)
-
-    from fmri2text.report.html import build_report
-
-    report = build_report(out, dataset_root=bids)
-    log(f"report: {report}")
-    return DemoResult(metrics, format_table(metrics), out / "metrics.json",
-                      out / "predictions.jsonl", report)
-
-
-def write_brain_map(path: Path, values: np.ndarray, mask_img) -> None:
-    """Write per-feature ``values`` (n_features,) back into the volume of ``mask_img``."""
-    import gzip
-
-    from nilearn.masking import unmask
-
-    img = unmask(values.astype(np.float32), mask_img)
-    write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
-
-
-def _prompt_only_control(cfg: Config, n: int, log: Log) -> list[str] | None:
-    """The frozen LLM's answer to the instruction with no fMRI at all (its prior)."""
-    try:
-        from fmri2text.models.llm import generate, load_llm
-    except ImportError:
-        log("prompt-only control skipped: no LLM module")
-        return None
-    model, tokenizer = load_llm()
-    answer = generate(model, tokenizer, None, [cfg.evaluation.instruction], max_new_tokens=48)[0]
-    return [answer] * n
 
 
 # ----------------------------------------------------------------------------- fmri2text run
@@ -350,6 +215,7 @@ class RunResult:
     skipped: list[str]
     metrics_path: Path
     report_path: Path
+    model_path: Path
     table: str
 
 
@@ -438,7 +304,7 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
             f"{time.perf_counter() - t_all:.1f} s")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     return RunResult(runner.ran, runner.skipped, out / "metrics.json", out / "report.html",
-                     format_table(metrics))
+                     out / "model", format_table(metrics))
 
 
 def _quiet(log: Log) -> Log:

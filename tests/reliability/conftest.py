@@ -9,10 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: The demo's tiny config (DESIGN §7 budgets are for the default; this one takes ~40 s).
-TINY_DEMO = ["simulate.subjects=3", "simulate.runs=1", "simulate.classes=6",
-             "simulate.resolution=8", "simulate.web_clips=4", "split.n_heldout=1",
-             "evaluation.n_permutations=200"]
+#: The tiny config of tests, CI and the examples (DESIGN §7 budgets are for the default).
+TINY_DEMO = ["--config", str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")]
 
 
 def cli_env(**extra: str) -> dict:
