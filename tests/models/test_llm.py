@@ -139,3 +139,25 @@ def test_real_smollm2_loads_offline_and_generates_from_embeds():
     soft = torch.randn(1, 4, 576) * llm.embedding_std(model)
     out = llm.generate(model, tok, soft, ["Describe the video."], max_new_tokens=8)
     assert isinstance(out[0], str) and len(out[0]) > 0
+
+
+def test_gguf_conversion_parses_each_file_once(tmp_path):
+    """While converting, a GGUF file is parsed once and shared; afterwards gguf is untouched."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("test.value", 7)
+    writer.add_tensor("w", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    real = gguf.GGUFReader
+    with llm._one_gguf_parse():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the same parse, by path
+        assert first.fields["test.value"].contents() == 7
+        assert first.tensors[0].data.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert gguf.GGUFReader is real and gguf.GGUFReader(path) is not first

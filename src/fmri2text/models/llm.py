@@ -22,6 +22,7 @@ padding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -78,9 +79,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _one_gguf_parse():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers 5 refuses save_pretrained on a quantizer-backed model; the GGUF loader
     # already produced plain float nn.Linear weights, so the quantizer is only bookkeeping.
     model.hf_quantizer = None
@@ -106,6 +108,32 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """Parse each GGUF file once while converting it.
+
+    transformers parses the file three times (config, weights, tokenizer), and a parse of
+    SmolLM2's metadata (49k tokens and merges, field by field in Python) takes ~7 s. Its
+    loader imports ``gguf.GGUFReader`` at call time, so a memoising stand-in is swapped in
+    for the conversion only; the reader is read-only (fields, memory-mapped tensors).
+    """
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode: str = "r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
 
 
 def smollm2_folder() -> Path:
