@@ -30,6 +30,8 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     # rewriting an earlier simulation replaces it (no stale files left behind)
     simulate_dataset(c, SMALL)
     assert _digests(c) == da
+    # clips and subjects spread over 2 worker processes: the same bytes
+    assert _digests(simulate_dataset(tmp_path / "d", SMALL, workers=2)) == da
 
 
 @pytest.mark.parametrize("change, key", [(dict(subjects=-1), "subjects"), (dict(classes=1), "classes"),

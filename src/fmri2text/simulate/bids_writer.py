@@ -1,8 +1,8 @@
 """Write the simulated dataset: a BIDS folder in HAD's layout plus a ground-truth derivative.
 
 ``simulate_dataset(out, cfg)`` plans the experiment (classes, each subject's balanced
-trial order, one unique clip per trial, 2-3 clips per source-video id), renders and encodes
-the clips, synthesises every run's BOLD and writes (see DESIGN §3-4)::
+trial order, one unique clip per trial, 2-3 clips per source-video id, each id shown to one
+subject as in HAD), renders and encodes the clips, synthesises every run's BOLD and writes (see DESIGN §3-4)::
 
     dataset_description.json  README  participants.tsv  task-action_bold.json ...
     stimuli/<class>/v_<class>_id_<id>_start_<s>_label_1.mp4
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
+import os
 import shutil
 import zipfile
 from dataclasses import asdict
@@ -151,7 +151,7 @@ def _balanced_order(n_trials: int, counts: np.ndarray, rng: np.random.Generator)
 
 def _split_sources(n: int, rng: np.random.Generator) -> list[int]:
     """Split n clips of a class into source videos of 2-3 clips (1 only when n == 1)."""
-    parts = []
+    parts: list[int] = []
     while n > 0:
         take = n if n <= 3 else 2 if n == 4 else int(rng.choice([2, 3]))
         parts.append(take)
@@ -175,9 +175,14 @@ def plan_experiment(cfg: SimulateConfig) -> tuple[list[str], list[dict]]:
     scenes = list(stimuli.SCENES)
     for c, ((colour, shape, action), name) in enumerate(zip(classes, names)):
         rng = brain.rng_for(cfg.seed, 3, c)
+        # a source video's clips go to one subject: in HAD's metadata 2,868 of 2,873 YouTube
+        # ids of four subjects belong to a single subject, so held-out groups are mostly unseen
         order = rng.permutation(len(slots[c]))
+        order = order[np.argsort([slots[c][o][0] for o in order], kind="stable")]
+        sizes = [size for subject in range(cfg.subjects)
+                 for size in _split_sources(sum(1 for o in order if slots[c][o][0] == subject), rng)]
         i = 0
-        for size in _split_sources(len(slots[c]), rng):
+        for size in sizes:
             clip_id = stimuli.random_id(rng, taken)
             scene = scenes[int(rng.integers(len(scenes)))]
             texture = int(rng.integers(2 ** 31))
@@ -207,17 +212,60 @@ def _web_specs(cfg: SimulateConfig, taken: set[str]) -> list[stimuli.ClipSpec]:
 
 
 def _render_all(root: Path, items: list[tuple[str, stimuli.ClipSpec]], cfg: SimulateConfig,
-                caption_key: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Render, encode and write clips; return captions and (N, 31), (N, 9) features."""
+                caption_key: int, pool=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Render, encode and write clips; return captions and (N, 31), (N, 9) features.
+
+    With a process ``pool`` the clips are split into contiguous parts rendered side by side;
+    every clip depends only on its spec and index, so the bytes are the same either way.
+    """
+    parts = [(k, items[k:k + CLIPS_PER_TASK]) for k in range(0, len(items), CLIPS_PER_TASK)]
+    args = [(root, part, cfg, caption_key, k) for k, part in parts]
+    done = list(pool.map(_render_part, *zip(*args))) if pool and len(parts) > 1 else \
+        [_render_part(*a) for a in args]
+    caps = {k: v for part_caps, _, _ in done for k, v in part_caps.items()}
+    sem = [row for _, part_sem, _ in done for row in part_sem]
+    low = [row for _, _, part_low in done for row in part_low]
+    return caps, np.asarray(sem, np.float32).reshape(-1, len(stimuli.SEMANTIC_NAMES)), \
+        np.asarray(low, np.float32).reshape(-1, len(stimuli.LOWLEVEL_NAMES))
+
+
+def _render_part(root: Path, items: list[tuple[str, stimuli.ClipSpec]], cfg: SimulateConfig,
+                 caption_key: int, start: int) -> tuple[dict, list, list]:
+    """Render and write ``items`` (clip ``start + n`` is the n-th); captions and features."""
     caps, sem, low = {}, [], []
-    for n, (rel, spec) in enumerate(items):
+    for n, (rel, spec) in enumerate(items, start):
         frames, alpha = stimuli.render_clip(spec, cfg.fps, cfg.clip_seconds, cfg.frame_size)
         write_bytes(root / rel, stimuli.encode_mp4(frames, cfg.fps))
         caps[rel] = stimuli.captions(spec, brain.rng_for(cfg.seed, caption_key, n))
         sem.append(stimuli.semantic_features(spec))
         low.append(stimuli.lowlevel_features(frames, alpha))
-    return caps, np.asarray(sem, np.float32).reshape(-1, len(stimuli.SEMANTIC_NAMES)), \
-        np.asarray(low, np.float32).reshape(-1, len(stimuli.LOWLEVEL_NAMES))
+    return caps, sem, low
+
+
+#: clips per rendering task of the process pool (the order of the results is kept)
+CLIPS_PER_TASK = 60
+#: below this many clips, starting worker processes (~1-2 s each) costs more than it saves
+POOL_MIN_CLIPS = 600
+
+
+def _process_pool(workers: int):
+    """A pool of ``workers`` single-threaded processes, or None for one (work runs inline).
+
+    Spawned, not forked: the caller may have started BLAS or OpenMP threads.
+    """
+    if workers <= 1:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_single_threaded)
+
+
+def _single_threaded() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
 
 
 def _clip_rows(items: list[tuple[str, stimuli.ClipSpec]], extra: list[dict]) -> tuple[list[dict], list[str]]:
@@ -262,7 +310,8 @@ def _top_level_files(out: Path, cfg: SimulateConfig, rng: np.random.Generator) -
 
 
 def simulate_dataset(out: Path, cfg: SimulateConfig,
-                     progress: Callable[[str], None] | None = None) -> Path:
+                     progress: Callable[[str], None] | None = None,
+                     workers: int | None = None) -> Path:
     """Write the whole simulated dataset under ``out`` and return it.
 
     Parameters
@@ -270,6 +319,9 @@ def simulate_dataset(out: Path, cfg: SimulateConfig,
     out : folder, absent or empty (or holding an earlier simulation, which is replaced)
     cfg : the simulator's settings (subjects, runs, classes, seed, resolution, cnr_scale, ...)
     progress : called with one-line status messages
+    workers : processes rendering clips and synthesising subjects side by side; None: one per
+        available core when the dataset has at least ``POOL_MIN_CLIPS`` clips, else 1. The
+        bytes written do not depend on it.
     """
     say = progress or (lambda _msg: None)
     out = _check(Path(out), cfg)
@@ -279,8 +331,22 @@ def simulate_dataset(out: Path, cfg: SimulateConfig,
     _top_level_files(out, cfg, brain.rng_for(cfg.seed, 5))
 
     say(f"simulate: rendering {len(trials)} experiment clips and {len(webs)} web clips")
+    if workers is None:
+        big = len(trials) + len(webs) >= POOL_MIN_CLIPS
+        workers = len(os.sched_getaffinity(0)) if big else 1
+    pool = _process_pool(min(workers, cfg.subjects))
+    try:
+        return _simulate_all(out, cfg, names, trials, webs, pool, say)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _simulate_all(out: Path, cfg: SimulateConfig, names: list[str], trials: list[dict],
+                  webs: list[stimuli.ClipSpec], pool, say: Callable[[str], None]) -> Path:
+    """simulate_dataset's work, clips and subjects spread over ``pool`` (None: inline)."""
     items = [(t["stim_file"], t["spec"]) for t in trials]
-    caps, sem, low = _render_all(out / "stimuli", items, cfg, 6)
+    caps, sem, low = _render_all(out / "stimuli", items, cfg, 6, pool)
     deriv = out / DERIV
     write_json(deriv / "captions.json", caps)
     feats = np.concatenate([sem, low], 1).astype(np.float64)  # (N, F)
@@ -300,7 +366,7 @@ def simulate_dataset(out: Path, cfg: SimulateConfig,
     write_text(deriv / "clips.tsv", _tsv(rows, cols))
 
     web_items = [(f"{s.clip_id}.mp4", s) for s in webs]
-    web_caps, web_sem, web_low = _render_all(deriv / "webclips", web_items, cfg, 7)
+    web_caps, web_sem, web_low = _render_all(deriv / "webclips", web_items, cfg, 7, pool)
     write_json(deriv / "webclips" / "captions.json", web_caps)
     web_rows, web_cols = _clip_rows(web_items, [{} for _ in web_items])
     write_text(deriv / "webclips" / "clips.tsv", _tsv(web_rows, web_cols))
@@ -313,13 +379,21 @@ def simulate_dataset(out: Path, cfg: SimulateConfig,
     for roi, mask in [("brain", np.ones(grid.n_voxels, bool))] + list(grid.rois.items()):
         _write_nifti(deriv / "rois" / f"{roi}_mask.nii.gz", grid.to_volume(mask, np.uint8), grid.affine)
     shared = brain.make_shared_maps(grid, len(feature_names), brain.rng_for(cfg.seed, 8))
-    subject_truth = {}
+    jobs = {}
     for s in range(cfg.subjects):
         label = f"sub-{s + 1:02d}"
-        say(f"simulate: {label} ({cfg.runs} run{'s' if cfg.runs > 1 else ''})")
         rows_s = [i for i, t in enumerate(trials) if t["subject"] == s]
-        subject_truth[label] = _simulate_subject(
-            out, cfg, grid, shared, s, label, [trials[i] for i in rows_s], feats_std[rows_s])
+        jobs[label] = (out, cfg, grid, shared, s, label, [trials[i] for i in rows_s], feats_std[rows_s])
+    runs = f"{cfg.runs} run{'s' if cfg.runs > 1 else ''}"
+    subject_truth = {}
+    if pool is None:
+        for label, job in jobs.items():
+            say(f"simulate: {label} ({runs})")
+            subject_truth[label] = _simulate_subject(*job)
+    else:  # subjects side by side, results kept in subject order
+        say(f"simulate: {', '.join(jobs)} ({runs} each), side by side")
+        futures = {label: pool.submit(_simulate_subject, *job) for label, job in jobs.items()}
+        subject_truth = {label: f.result() for label, f in futures.items()}
 
     targets = {k: round(v * cfg.cnr_scale, 6) for k, v in brain.HAD_CNR.items()}
     write_json(deriv / "truth.json", {
