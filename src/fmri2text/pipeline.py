@@ -310,6 +310,6 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
 def _quiet(log: Log) -> Log:
     """Pass through a step's messages except per-batch chatter."""
     def inner(message: str) -> None:
-        if not message.startswith(("annotated ", "prepare: subject")):
+        if not message.startswith(("annotated ", "prepare: sub-")):
             log(message)
     return inner

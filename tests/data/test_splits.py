@@ -29,8 +29,8 @@ def test_heldout_split_is_disjoint_by_group_and_seeded():
     assert (per_group == 1).all()  # a group never straddles adapt/test
     assert held.groupby("split")["group"].nunique().to_dict() == {"adapt": 10, "test": 10}
     check_leakage(t)
-    again = assign_splits(_trials(), SplitConfig(n_heldout=2, seed=3))
-    other = assign_splits(_trials(), SplitConfig(n_heldout=2, seed=4))
+    again = assign_splits(_trials(), SplitConfig(n_heldout=2, adapt_fraction=0.5, seed=3))
+    other = assign_splits(_trials(), SplitConfig(n_heldout=2, adapt_fraction=0.5, seed=4))
     assert (again["split"] == t["split"]).all() and not (other["split"] == t["split"]).all()
 
 
