@@ -2,7 +2,8 @@
 
 ``simulate_dataset(out, cfg)`` plans the experiment (classes, each subject's balanced
 trial order, one unique clip per trial, 2-3 clips per source-video id, each id shown to one
-subject as in HAD), renders and encodes the clips, synthesises every run's BOLD and writes (see DESIGN §3-4)::
+subject as in HAD), renders and encodes the clips, synthesises every run's BOLD and writes
+(see DESIGN §3-4)::
 
     dataset_description.json  README  participants.tsv  task-action_bold.json ...
     stimuli/<class>/v_<class>_id_<id>_start_<s>_label_1.mp4
@@ -179,8 +180,8 @@ def plan_experiment(cfg: SimulateConfig) -> tuple[list[str], list[dict]]:
         # ids of four subjects belong to a single subject, so held-out groups are mostly unseen
         order = rng.permutation(len(slots[c]))
         order = order[np.argsort([slots[c][o][0] for o in order], kind="stable")]
-        sizes = [size for subject in range(cfg.subjects)
-                 for size in _split_sources(sum(1 for o in order if slots[c][o][0] == subject), rng)]
+        per_subject = np.bincount([s for s, _, _ in slots[c]], minlength=cfg.subjects)
+        sizes = [size for n in per_subject for size in _split_sources(int(n), rng)]
         i = 0
         for size in sizes:
             clip_id = stimuli.random_id(rng, taken)
