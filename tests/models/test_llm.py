@@ -118,6 +118,30 @@ def test_batched_padded_generation_equals_one_by_one(sharp):
     assert s1 == s2
 
 
+def test_greedy_rows_leave_the_batch_at_their_eos_and_match_hf_generate(sharp):
+    """Rows that end early leave the batch; every row's tokens equal HF generate's."""
+    model, tok = sharp
+    soft = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(1))
+    instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?",
+             "what ?", "the video .", "is it red ?"]
+    embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft, instr)
+    P, pad = llm.prefix_length(tok), tok.pad_token_id
+
+    def hf(eos):
+        with torch.no_grad():
+            return model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8,
+                                  do_sample=False, eos_token_id=eos, pad_token_id=pad)
+
+    free = hf(None)  # no row stops: pick as "eos" a token some rows emit early, others never
+    rows = {int(t): int((free == t).any(1).sum()) for t in free[:, :4].unique()}
+    eos = max((t for t, c in rows.items() if c < len(instr)), key=rows.get)
+    want = hf(eos)
+    got = llm.greedy_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 8, eos, pad)
+    stopped = (want == eos).any(1)
+    assert 0 < int(stopped.sum()) < len(instr)  # some rows end early, some do not
+    assert torch.equal(got, want)
+
+
 def test_unknown_llm_name_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="unknown LLM"):
         llm.load_llm(str(tmp_path / "nope"))

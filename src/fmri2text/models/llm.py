@@ -397,15 +397,57 @@ def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructio
         soft = None if soft_tokens is None else soft_tokens[sl]
         embeds, mask, _ = build_prompt_embeds(model, tokenizer, soft, instructions[sl],
                                               soft_scale=soft_scale, system=system)
-        kwargs = dict(do_sample=False) if greedy else dict(
-            do_sample=True, temperature=temperature, top_p=top_p)
         cache = prefix_cache(model, embeds, prefix_length(tokenizer, system))
-        if cache is not None:  # generate runs only the columns the cache does not hold
-            kwargs["cache"] = cache
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + start)
-            new = model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=pad, **kwargs)  # (b, n_new): only new tokens
+        if greedy:
+            new = greedy_tokens(model, embeds, mask, cache, max_new_tokens, eos, pad)
+        else:
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p)
+            if cache is not None:  # generate runs only the columns the cache does not hold
+                kwargs["cache"] = cache
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + start)
+                new = model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                     max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                     pad_token_id=pad, **kwargs)  # (b, n_new): only new tokens
         out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     return out
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, cache,
+                  max_new_tokens: int, eos: int, pad: int) -> Tensor:
+    """(B, n_new) greedy answer ids; rows that have emitted ``eos`` leave the batch.
+
+    The same tokens as ``model.generate(do_sample=False)``, which keeps computing finished
+    rows until the longest answer of the batch ends (the teacher's answers: median 10 tokens,
+    up to 19 in a batch of 64). Here each step runs only the unfinished rows, and
+    ``cache.batch_select_indices`` keeps their keys and values: 17 % less time on the
+    teacher's annotation workload (BENCHMARKS). After a row's ``eos`` its ids are ``pad``, as
+    with ``generate``; ``eos`` None: every row runs ``max_new_tokens``. ``cache``: keys and
+    values of the first columns (:func:`prefix_cache`) or None.
+    """
+    B = inputs_embeds.shape[0]
+    held = 0 if cache is None else cache.get_seq_length()
+    pos = position_ids(attention_mask)
+    out = model(inputs_embeds=inputs_embeds[:, held:], attention_mask=attention_mask,
+                position_ids=pos[:, held:], cache=cache, use_cache=True, logits_to_keep=1)
+    cache, nxt = out.cache, out.logits[:, -1].argmax(-1)  # (B,)
+    new = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=nxt.device)
+    rows = torch.arange(B, device=nxt.device)  # batch rows still generating
+    last = pos[:, -1]
+    for step in range(max_new_tokens):
+        new[rows, step] = nxt
+        going = torch.ones_like(nxt, dtype=torch.bool) if eos is None else nxt != eos
+        if step + 1 == max_new_tokens or not going.any():
+            return new[:, :step + 1]
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            rows, nxt, last = rows[keep], nxt[keep], last[keep]
+            attention_mask = attention_mask[keep]
+            cache.batch_select_indices(keep)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+        last = last + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attention_mask,
+                    position_ids=last[:, None], cache=cache, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
+    return new
