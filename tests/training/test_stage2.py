@@ -78,3 +78,39 @@ def test_memory_bank_holds_only_adapt_trials(trained):
     bank = state["loss.dance.memory.features"]
     # synthetic_experiment: 2 held-out subjects x 8 adapt clips
     assert bank.shape[0] == 16 and bool(state["loss.dance.memory.filled"].all())
+
+
+def test_heldout_ce_on_a_subset_takes_trials_spread_over_the_table():
+    """max_trials picks evenly spaced trials (first and last included: every subject of a
+    subject-ordered table); 0 takes all. The CE is the mean over the answer tokens scored."""
+    import numpy as np
+
+    from fmri2text.training.stage2 import heldout_ce
+
+    asked = []
+
+    class Data:
+        clips = np.array([f"c{i}" for i in range(10)])
+
+        def __len__(self):
+            return 10
+
+        def fmri(self, pos):
+            asked.extend(int(p) for p in pos)
+            return torch.as_tensor(pos, dtype=torch.float32)
+
+    class Targets:
+        def text_of(self, clips):
+            return ["q"] * len(clips), ["a"] * len(clips)
+
+    class Model:
+        student = torch.nn.Identity()
+
+        def answer_logits(self, z, instr, ans):  # uniform over 4 tokens: CE = log 4
+            return torch.zeros(len(z), 3, 4), torch.tensor([[-100, 1, 2]] * len(z))
+
+    ce = heldout_ce(Model(), Data(), Targets(), batch_size=3, max_trials=4)
+    assert asked == [0, 3, 6, 9] and ce == pytest.approx(float(np.log(4)))
+    asked.clear()
+    heldout_ce(Model(), Data(), Targets(), batch_size=3, max_trials=0)
+    assert asked == list(range(10))

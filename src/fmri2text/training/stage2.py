@@ -92,12 +92,17 @@ class BridgeModel(nn.Module):
 @torch.no_grad()
 def heldout_ce(model: BridgeModel, data: TrialWindows, targets: ClipTargets, batch_size: int,
                max_trials: int = 0) -> float:
-    """Mean answer-token CE of the teacher's answers on ``data`` given its fMRI (evaluation)."""
+    """Mean answer-token CE of the teacher's answers on ``data`` given its fMRI (evaluation).
+
+    ``max_trials`` > 0: that many trials, evenly spaced over ``data`` (whose trials are in
+    subject order, so every subject is in); 0: all.
+    """
     model.student.eval()
     n = len(data) if max_trials <= 0 else min(max_trials, len(data))
+    chosen = np.unique(np.linspace(0, len(data) - 1, n).round().astype(np.int64)) if n else []
     total, count = 0.0, 0
-    for s in range(0, n, batch_size):
-        pos = np.arange(s, min(s + batch_size, n))
+    for s in range(0, len(chosen), batch_size):
+        pos = chosen[s:s + batch_size]
         instr, ans = targets.text_of(data.clips[pos])
         logits, labels = model.answer_logits(model.student(data.fmri(pos)), instr, ans)
         lab = labels[:, 1:]
