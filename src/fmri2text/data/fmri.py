@@ -17,13 +17,15 @@ The features kept are the voxels good in every run (a common mask across subject
 runs, so all runs must share one grid: MNI space or fsLR grayordinates). Feature order is
 the C order of the 3-D mask (nilearn's ``apply_mask``/``unmask`` convention).
 
-Speed (steps 2-5 take about 1.5x the inflate of step 1): the masks come from one pass of
-per-voxel max/min over cache-sized slabs; the good voxels are gathered in file order (a
-sequential read); the nuisance fit is two whole-matrix BLAS products (BLAS rounds a column
-differently near the end of a matrix, so splitting them would change the output's bits);
-subtraction, z-scoring and windows then run block by block while a block is in cache; the
-reorder to C order happens once, on the small per-trial output, fused with the selection of
-the common voxels (:meth:`_Run.columns`).
+Speed: the work rides on the inflate. As each volume of a ``.nii.gz`` is inflated, and
+while it is still in cache, the voxels non-zero in volume 0 are taken from it into a (T, n)
+array in the file's dtype, with their running max and min; a per-voxel OR of the volume's
+bits finds, after the read, the few voxels first non-zero later (taken then from the whole
+run). Other formats take the brain columns after one max/min pass. The nuisance fit,
+z-scoring and windows then run column block by column block while a block is in cache,
+without forming the residual (:func:`_windows`). The reorder to C order happens once, on
+the small per-trial output, fused with the selection of the common voxels
+(:meth:`_Run.columns`).
 """
 
 from __future__ import annotations
@@ -77,16 +79,15 @@ class Responses:
 @dataclass
 class _Run:
     good: np.ndarray  # (n_grid,) bool, C order
-    values: np.ndarray  # (n_trials_run, [window,] n_good) float32/16, columns in file order
+    values: np.ndarray  # (n_trials_run, [window,] n_columns) float32/16
     nonfinite: np.ndarray  # (n_grid,) bool
     constant: np.ndarray  # (n_grid,) bool
-    to_c: np.ndarray | None = None  # (n_good,) file-order column of each good voxel, in C order
+    to_c: np.ndarray  # (n_good,) column of ``values`` of each good voxel, in C order
 
     def columns(self, keep: np.ndarray) -> np.ndarray:
-        """File-order columns of ``values`` for the good voxels kept by ``keep`` ((n_grid,) bool,
-        C order), in C order: the reorder and the selection in one gather."""
-        sel = np.flatnonzero(keep[self.good])  # C-order ranks among this run's good voxels
-        return sel if self.to_c is None else self.to_c[sel]
+        """Columns of ``values`` for the good voxels kept by ``keep`` ((n_grid,) bool, C order),
+        in C order: the reorder and the selection in one gather."""
+        return self.to_c[np.flatnonzero(keep[self.good])]  # C-order ranks among good voxels
 
 
 def drift_regressors(n_volumes: int, tr: float, high_pass: float) -> np.ndarray:
@@ -126,74 +127,256 @@ def _confounds(bold_path: str, columns: list[str], n_volumes: int) -> np.ndarray
     return table[columns].fillna(0.0).to_numpy(np.float64)
 
 
-def _voxel_masks(series: np.ndarray, volume: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(brain, nonfinite, constant) per column of a (T, V) series, one cache-blocked pass.
+class _Gather:
+    """A :func:`~fmri2text.data.nifti.read_gz_nifti` visitor: takes each volume's brain voxels
+    while the volume is still in cache, so the run is not read back from memory.
 
-    The per-voxel max and min over time serve all three: a NaN propagates into the max and
-    an infinity shows in the max or min, so a voxel is non-finite exactly when its max or
-    min is; constant = max == min (NaN compares unequal); brain = any non-zero value (a
-    volume's background is exactly zero; every grayordinate is brain).
+    The voxels taken are the non-zero ones of volume 0 (NaN counts as non-zero). Every volume
+    also ORs its bits into a per-voxel word, so a voxel that is zero in volume 0 but not in a
+    later one shows after the read (:func:`_brain_columns` takes those from the whole run).
     """
+
+    def __init__(self, scratch: Scratch) -> None:
+        self.scratch = scratch
+        self.x = None  # (T, n) file dtype: voxels ``index`` over time, once volume 0 is seen
+
+    def __call__(self, t: int, vol: np.ndarray, n_t: int) -> None:
+        if t == 0:
+            if vol.dtype.kind not in "iuf" or vol.dtype.itemsize > 8:
+                return  # not visited: _brain_columns reads the whole run instead
+            self.index = np.flatnonzero(vol)  # (n,) file positions
+            self.x = self.scratch.array((n_t, len(self.index)), vol.dtype)
+            self.bits = np.zeros(vol.shape, f"u{vol.dtype.itemsize}")
+        elif self.x is None:
+            return
+        np.take(vol, self.index, out=self.x[t], mode="clip")  # indices are in range: no check
+        np.bitwise_or(self.bits, vol.view(self.bits.dtype), out=self.bits)
+
+
+def _column_flags(vmax: np.ndarray, vmin: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nonzero, nonfinite, constant) per column from its max and min over time.
+
+    A NaN propagates into the max and an infinity shows in the max or min, so a column is
+    non-finite exactly when its max or min is; constant = max == min (NaN compares unequal);
+    non-zero = any non-zero or non-finite value (a volume's background is exactly zero).
+    """
+    if vmax.dtype.kind == "f":
+        nonfinite = ~(np.isfinite(vmax) & np.isfinite(vmin))
+    else:
+        nonfinite = np.zeros(len(vmax), bool)
+    nonzero = (vmax != 0) | (vmin != 0) | nonfinite
+    return nonzero, nonfinite, (vmax == vmin) & ~nonfinite
+
+
+def _max_min(series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column max and min of a (T, V) series, slab by slab while a slab is in cache."""
     n_v = series.shape[1]
     vmax, vmin = np.empty(n_v, series.dtype), np.empty(n_v, series.dtype)
-    for a in range(0, n_v, MASK_BLOCK):  # max and min of one slab while it is in cache
+    for a in range(0, n_v, MASK_BLOCK):
         slab = series[:, a:a + MASK_BLOCK]
         np.max(slab, axis=0, out=vmax[a:a + MASK_BLOCK])
         np.min(slab, axis=0, out=vmin[a:a + MASK_BLOCK])
-    if np.issubdtype(series.dtype, np.floating):
-        nonfinite = ~(np.isfinite(vmax) & np.isfinite(vmin))
-    else:
-        nonfinite = np.zeros(n_v, bool)
-    brain = (vmax != 0) | (vmin != 0) | nonfinite if volume else np.ones(n_v, bool)
-    constant = (vmax == vmin) & brain & ~nonfinite
-    return brain, nonfinite, constant
+    return vmax, vmin
 
 
-def _c_order(index: np.ndarray, shape: tuple) -> np.ndarray:
-    """Permutation taking columns at file (Fortran-order) positions ``index`` to C order."""
-    rank = np.zeros(int(np.prod(shape)), np.int64)
-    rank[index] = np.arange(1, len(index) + 1)  # 1-based rank of each good voxel, 0 elsewhere
-    rank = rank.reshape(shape, order="F").ravel()  # the same voxels, walked in C order
+def _take_columns(series: np.ndarray, index: np.ndarray, scratch: Scratch) -> np.ndarray:
+    """(T, len(index)) columns of a (T, V) series, on a pooled buffer, slab by slab."""
+    x = scratch.array((series.shape[0], len(index)), series.dtype)
+    for a in range(0, len(index), MASK_BLOCK):
+        np.take(series, index[a:a + MASK_BLOCK], axis=1, out=x[:, a:a + MASK_BLOCK])
+    return x
+
+
+def _brain_columns(bold_path: str, scratch: Scratch):
+    """A run's brain voxels over time, read once.
+
+    Returns ``(x, index, shape)``: ``x`` (T, n) in the file's dtype (on a pooled buffer: give
+    it back), ``index`` (n,) the grid position of each column in file order (Fortran order
+    for a volume) and ``shape`` the volume shape, or None for CIFTI. Volume brain voxels =
+    non-zero (or non-finite) at some time; every CIFTI grayordinate is brain.
+    """
+    gather, pooled = _Gather(scratch), None
+    try:
+        series, shape, pooled = read_series(bold_path, scratch, gather)
+        if gather.x is not None:  # streamed; add the voxels first non-zero after volume 0
+            x, index = gather.x, gather.index
+            late = gather.bits != 0
+            late[index] = False
+            late = np.flatnonzero(late)
+            if len(late):
+                cols = _take_columns(series, late, scratch)
+                keep = _column_flags(*_max_min(cols))[0]  # bits set, value zero: -0.0 only
+                both = scratch.array((x.shape[0], x.shape[1] + int(keep.sum())), x.dtype)
+                both[:, :x.shape[1]] = x
+                both[:, x.shape[1]:] = cols[:, keep]
+                scratch.give(x, cols)
+                x, index = both, np.concatenate([index, late[keep]])
+            return x, index, shape
+        if shape is None:  # CIFTI: every grayordinate, the array as read (not pooled)
+            return series, np.arange(series.shape[1]), None
+        index = np.flatnonzero(_column_flags(*_max_min(series))[0])
+        return _take_columns(series, index, scratch), index, shape
+    except BaseException:
+        scratch.give(gather.x)
+        raise
+    finally:
+        scratch.give(pooled)
+
+
+def _bad_columns(x: np.ndarray, suspect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nonfinite, constant) per column of ``x``, checked exactly on the ``suspect`` columns
+    only (every other column is known finite and not constant)."""
+    nonfinite, constant = np.zeros(x.shape[1], bool), np.zeros(x.shape[1], bool)
+    cols = np.flatnonzero(suspect)
+    if len(cols):
+        _, nonfinite[cols], constant[cols] = _column_flags(*_max_min(np.take(x, cols, axis=1)))
+    return nonfinite, constant
+
+
+def _c_positions(index: np.ndarray, shape: tuple | None) -> np.ndarray:
+    """C-order grid positions of voxels at file positions ``index`` (Fortran order for a
+    volume; CIFTI grayordinates are already in order)."""
+    if shape is None:
+        return index
+    return np.ravel_multi_index(np.unravel_index(index, shape, order="F"), shape)
+
+
+def _c_order(pos: np.ndarray, n_grid: int) -> np.ndarray:
+    """Permutation that sorts the distinct positions ``pos``: ``pos[_c_order(pos, n)]``
+    ascends (a scatter and a gather, cheaper than a sort)."""
+    rank = np.zeros(n_grid, np.int64)
+    rank[pos] = np.arange(1, len(pos) + 1)  # 1-based rank of each voxel, 0 elsewhere
     return rank[rank > 0] - 1
+
+
+_HALF_LOW = np.uint32(113 << 23)  # |x| below 2**-14: float16 subnormal or zero
+_HALF_SPAN = np.uint32(30 << 23)  # normal float16 inputs: 2**-14 <= |x| < 2**16
+_HALF_BIAS = np.uint32((0xFFF - (112 << 23)) % (1 << 32))  # rebias the exponent, round down-half
+
+
+def _store(src: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = src`` for a C-contiguous float32 ``src``; into float16 exactly as numpy
+    rounds (to nearest, ties to even) but about 2x faster: numpy's cast is scalar code, this
+    is seven integer ufuncs on the bits, with numpy's cast kept for the rare elements
+    outside the normal float16 range (tiny, huge, inf, NaN)."""
+    if out.dtype != np.float16:
+        out[...] = src
+        return
+    u = src.view(np.uint32)
+    a = u & np.uint32(0x7FFFFFFF)  # |x|
+    h = a >> 13
+    h &= np.uint32(1)  # the lowest kept mantissa bit: ties go to even
+    h += a
+    h += _HALF_BIAS
+    h >>= 13  # a mantissa carry rounds up into the exponent (65520 and up -> inf)
+    sign = u >> 16
+    sign &= np.uint32(0x8000)
+    h |= sign
+    out.view(np.uint16)[...] = h
+    a -= _HALF_LOW  # wraps below 2**-14
+    odd = np.flatnonzero(a >= _HALF_SPAN)
+    if len(odd):
+        at = np.unravel_index(odd, src.shape)
+        with np.errstate(over="ignore"):  # inf is numpy's answer too; the store refuses it
+            out[at] = src[at].astype(np.float16)
+
+
+def _windows(x: np.ndarray, q: np.ndarray, rows: np.ndarray, standardize: bool, stack: bool,
+             dtype, scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """Per-trial window responses of a run's (T, n) series, column block by column block.
+
+    Each block (in cache) is shifted by its first volume, ``y = x - x[0]`` (exact for integer
+    data; the constant is in the nuisance basis, so the residuals do not change), and
+    projected once: ``c = q.T @ y``. Then, with ``q`` orthonormal,
+
+    - residual sum of squares: ``|y|^2 - |c|^2`` (recomputed from the residual itself in the
+      columns where it is under 5 % of ``|y|^2``: the float32 cancellation would cost more
+      than ~1.3 of its ~7 digits there);
+    - window of trial i: ``mean(y[rows_i]) - mean(q[rows_i]) @ c``,
+
+    so the (T, n) residual is never formed. Returns the (n_trials, [window,] n) ``dtype``
+    responses and, per column, whether it may be constant or non-finite (``|y|^2`` is not
+    a positive finite number; :func:`_bad_columns` checks those exactly).
+    """
+    n_t, n = x.shape
+    n_trials, window = rows.shape
+    qw = q[rows]  # (n_trials, window, K): the nuisance basis at each window volume
+    values = scratch.array((n_trials, window, n) if stack else (n_trials, n), dtype)
+    suspect = np.empty(n, bool)
+    y = scratch.array((n_t, min(BLOCK, n)), np.float32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # bad columns: dropped later
+        for a in range(0, n, BLOCK):
+            raw = x[:, a:a + BLOCK]
+            yb = y[:, :raw.shape[1]]
+            np.subtract(raw, raw[0], out=yb, dtype=np.float32)  # (T, b)
+            c = q.T @ yb  # (K, b) nuisance coefficients
+            yy = np.einsum("tv,tv->v", yb, yb)  # (b,)
+            suspect[a:a + BLOCK] = ~(np.isfinite(yy) & (yy > 0))
+            scale = None
+            if standardize:
+                ss = yy - np.einsum("kv,kv->v", c, c)  # (b,) residual sum of squares
+                shaky = np.flatnonzero(~(ss > 0.05 * yy))
+                if len(shaky):
+                    r = yb[:, shaky] - q @ c[:, shaky]
+                    ss[shaky] = np.einsum("tv,tv->v", r, r)
+                std = np.sqrt(ss / np.float32(n_t - 1))
+                scale = np.float32(1) / np.where(std > 1e-8, std, np.float32(1))
+            if stack:
+                for k in range(window):
+                    part = np.take(yb, rows[:, k], axis=0)  # (n_trials, b)
+                    part -= qw[:, k] @ c
+                    if scale is not None:
+                        part *= scale
+                    _store(part, values[:, k, a:a + BLOCK])
+            else:
+                acc = np.take(yb, rows[:, 0], axis=0)  # (n_trials, b)
+                for k in range(1, window):
+                    acc += np.take(yb, rows[:, k], axis=0)
+                acc *= np.float32(1 / window)
+                acc -= qw.mean(axis=1) @ c
+                if scale is not None:
+                    acc *= scale
+                _store(acc, values[:, a:a + BLOCK])
+    scratch.give(y)
+    return values, suspect
+
+
+def _cleaned(x: np.ndarray, q: np.ndarray, standardize: bool) -> np.ndarray:
+    """(T, n) float32 residuals of ``x`` on the nuisance basis ``q``, z-scored if asked (the
+    input of single-trial betas)."""
+    x = x.astype(np.float32)
+    x -= q @ (q.T @ x)
+    if standardize:
+        std = x.std(axis=0, ddof=1)
+        x /= np.where(std > 1e-8, std, 1.0)
+    return x
 
 
 def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
                  events_path: str | None = None, durations: np.ndarray | None = None,
                  scratch: Scratch | None = None, dtype=np.float32) -> _Run:
-    """Mask statistics, drift removal, z-scoring and trial windows (or betas) of one run.
+    """Brain mask, drift removal, z-scoring and trial windows (or betas) of one run.
 
-    The large work arrays (the decompressed run, its good voxels as float32, the nuisance
-    fit) come from ``scratch`` and go back to it, so the next run reuses their pages.
-    ``dtype`` float16 rounds the float32 responses once more, block by block (the store's format).
+    The large work arrays (the decompressed run, its brain voxels) come from ``scratch`` and
+    go back to it, so the next run reuses their pages. ``dtype`` float16 rounds the float32
+    responses once more, block by block (the store's format).
     """
     scratch = scratch or Scratch()
-    series, shape, pooled = read_series(bold_path, scratch)  # (T, V) in file order
-    n_t = series.shape[0]
-    brain, nonfinite, constant = _voxel_masks(series, shape is not None)
-    bad = nonfinite | constant
-    n_brain = int(brain.sum())
+    x, index, shape = _brain_columns(bold_path, scratch)  # x: (T, n_brain)
+    try:
+        return _respond(x, index, shape, bold_path, onsets, tr, cfg, events_path, durations,
+                        scratch, dtype)
+    finally:
+        scratch.give(x)
+
+
+def _respond(x, index, shape, bold_path, onsets, tr, cfg, events_path, durations, scratch,
+             dtype) -> _Run:
+    """The body of :func:`_process_run` once the brain voxels are read."""
+    n_t, n_brain = x.shape
     if n_brain == 0:
         raise UserError("the image is empty (all voxels zero)", path=bold_path,
                         fix="check that this is the right BOLD file")
-    frac = float(bad.sum()) / n_brain
-    if frac > cfg.max_bad_voxel_fraction:
-        raise UserError(
-            f"{int(nonfinite.sum())} NaN/inf and {int(constant.sum())} constant voxels: "
-            f"{100 * frac:.1f}% of {n_brain} brain voxels, above data.max_bad_voxel_fraction="
-            f"{cfg.max_bad_voxel_fraction}", path=bold_path,
-            fix="check the preprocessing of this run, or raise data.max_bad_voxel_fraction")
-    good = brain & ~bad
-    index = np.flatnonzero(good)  # file positions of good voxels, ascending: a sequential gather
-    n_good = len(index)
-    x = scratch.array((n_t, n_good), np.float32)  # (T, V_good) in file order
-    for a in range(0, n_good, MASK_BLOCK):
-        x[:, a:a + MASK_BLOCK] = np.take(series, index[a:a + MASK_BLOCK], axis=1)
-    del series
-    scratch.give(pooled)
-    to_c = None
-    if shape is not None:  # masks to C order (nilearn's convention)
-        good, nonfinite, constant = (m.reshape(shape, order="F").ravel() for m in (good, nonfinite, constant))
-        to_c = _c_order(index, shape)
     design = drift_regressors(n_t, tr, cfg.high_pass)
     conf = _confounds(bold_path, cfg.confounds, n_t)
     if conf is not None:
@@ -209,29 +392,32 @@ def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
                 f" but the run has {n_t} ({bold_path})", path=events_path or bold_path,
                 fix="check the onsets, or lower data.hrf_delay / data.window")
         rows = start[:, None] + np.arange(cfg.window)  # (n_trials, window) volume indices
-        lead = (len(start),) if cfg.aggregate == "mean" else rows.shape
-        values = np.empty(lead + (n_good,), dtype)
-    # the nuisance fit as whole-matrix products: BLAS rounds a column differently near the end
-    # of a matrix, so splitting them into blocks would change the output's bits
-    fit = np.matmul(q, q.T @ x, out=scratch.array(x.shape, np.float32))  # (T, V_good)
-    for a in range(0, n_good, BLOCK):  # the rest column block by column block, in cache
-        xb = x[:, a:a + BLOCK]
-        xb -= fit[:, a:a + BLOCK]
-        if cfg.standardize:
-            std = xb.std(axis=0, ddof=1)
-            xb /= np.where(std > 1e-8, std, 1.0)
-        if window:
-            win = xb[rows]  # (n_trials, window, b)
-            if len(lead) == 1:
-                win = win.mean(axis=1, dtype=np.float64).astype(np.float32)  # (n_trials, b)
-            values[..., a:a + BLOCK] = win
-    scratch.give(fit)
-    if not window:  # single-trial betas replace the window mean
-        dur = np.zeros_like(onsets) if durations is None else durations
-        values = single_trial_betas(x, onsets, dur, tr, q, cfg.response, cfg.hrf_model,
-                                    events_path or bold_path).astype(dtype, copy=False)
-    scratch.give(x)
-    return _Run(good, values, nonfinite, constant, to_c)
+        values, suspect = _windows(x, q, rows, cfg.standardize, cfg.aggregate == "stack", dtype,
+                                   scratch)
+    else:
+        suspect = np.ones(n_brain, bool)  # betas: check every column before the fit
+    nonfinite_c, constant_c = _bad_columns(x, suspect)  # (n_brain,) per column
+    frac = float((nonfinite_c | constant_c).sum()) / n_brain
+    if frac > cfg.max_bad_voxel_fraction:
+        raise UserError(
+            f"{int(nonfinite_c.sum())} NaN/inf and {int(constant_c.sum())} constant voxels: "
+            f"{100 * frac:.1f}% of {n_brain} brain voxels, above data.max_bad_voxel_fraction="
+            f"{cfg.max_bad_voxel_fraction}", path=bold_path,
+            fix="check the preprocessing of this run, or raise data.max_bad_voxel_fraction")
+    good_cols = np.flatnonzero(~(nonfinite_c | constant_c))  # columns of x that are good
+    pos = _c_positions(index, shape)  # (n_brain,) C-order grid position of each column
+    n_grid = int(np.prod(shape)) if shape is not None else n_brain
+    good, nonfinite, constant = (np.zeros(n_grid, bool) for _ in range(3))
+    good[pos[good_cols]] = nonfinite[pos[nonfinite_c]] = constant[pos[constant_c]] = True
+    order = _c_order(pos[good_cols], n_grid)  # good columns, walked in C order
+    if window:
+        return _Run(good, values, nonfinite, constant, good_cols[order])
+    # single-trial betas replace the window mean; they see only the good columns
+    clean = _cleaned(np.take(x, good_cols, axis=1), q, cfg.standardize)
+    dur = np.zeros_like(onsets) if durations is None else durations
+    values = single_trial_betas(clean, onsets, dur, tr, q, cfg.response, cfg.hrf_model,
+                                events_path or bold_path).astype(dtype, copy=False)
+    return _Run(good, values, nonfinite, constant, order)
 
 
 def _grid(trials: pd.DataFrame) -> tuple[tuple, np.ndarray | None, bool]:
@@ -269,7 +455,8 @@ def extract_responses(trials: pd.DataFrame, cfg: DataConfig, scratch: Scratch | 
         response (window | lsa | lss; betas use the ``duration`` column) and hrf_model.
     scratch:
         Work buffers to reuse (``prepare`` shares one pool across subjects); default: a pool
-        for this call only.
+        for this call only. The result's ``data`` lies on it: :meth:`Scratch.give` it back
+        when done, or the pool will not reuse that buffer.
     dtype:
         float32, or float16 (the prepared store's format: the float32 values rounded once more).
 
@@ -310,9 +497,14 @@ def extract_responses(trials: pd.DataFrame, cfg: DataConfig, scratch: Scratch | 
         raise UserError(f"data.aggregate={cfg.aggregate!r} is not known",
                         fix="data.aggregate must be one of mean, stack")
     lead = (len(trials),) if cfg.aggregate == "mean" else (len(trials), cfg.window)
-    data = np.empty(lead + (int(common.sum()),), dtype=dtype)
+    data = scratch.array(lead + (int(common.sum()),), dtype)  # reused pages when pooled
     for (path, rows), res in zip(runs, results):
-        data[rows] = np.take(res.values, res.columns(common), axis=-1)
+        if rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():  # a row range: no copy
+            np.take(res.values, res.columns(common), axis=-1, out=data[rows[0]:rows[-1] + 1],
+                    mode="clip")  # indices are in range; "raise" would buffer the output
+        else:
+            data[rows] = np.take(res.values, res.columns(common), axis=-1)
+        scratch.give(res.values)
     if cifti:
         mask_img, space = None, f"cifti {shape[0]}"
     else:
