@@ -6,8 +6,10 @@ Measured on the same ``.nii.gz`` runs, as MB/s of compressed input:
     zlib (read + one call; also on one thread), ISA-L (read + one call: a new ``bytes`` per
     file) and ISA-L streamed from the file into one reused buffer per thread (no fresh pages:
     first touching ~340 MB of new memory per run costs the kernel as much as the inflate).
-    **The bound is the fastest of them** (so far always the last): prepare's own reader is
-    an ISA-L stream into reused memory, so a slower bound would not bound it;
+    Issue 3's bound is plain gzip decompression (zlib); its target, prepare at >= 70 % of
+    it, is printed against zlib on the same threads. The "vs bound" column uses a stricter
+    bound of our own, **the fastest of them** (so far always the last): prepare's own
+    reader is an ISA-L stream into reused memory;
 (b) the peer: nilearn ``NiftiMasker`` (fit with the common mask, transform with cosine
     drift removal + z-scoring, then the same trial-window averaging), same threads;
 (c) ``prepare`` (trial table, responses, float16 store, manifest) in a fresh subprocess,
@@ -207,6 +209,10 @@ def main() -> None:
         print(f"{name:48s} {t:8.2f} {mb_in / t:8.1f} {t_an / t:8.0%}")
     print("prepare vs each decompression: " + ", ".join(
         f"{name.split(', ')[0][4:]} {t / t_c:.0%}" for name, t in bounds.items()))
+    t_zlib = bounds[f"(a) zlib, {n} threads"]
+    print(f"target (>= 70 % of the bound): {t_zlib / t_c:.0%} of plain gzip decompression (zlib, "
+          f"issue 3's (a)) -> {'met' if t_zlib / t_c >= 0.7 else 'NOT met'}; {t_an / t_c:.0%} of the "
+          f"fastest decompression -> {'met' if t_an / t_c >= 0.7 else 'NOT met'}")
     print(f"\nprepare: {t_fixed:.2f} s before the first run (pybids import and index, trial table, "
           f"checks), then {t_c - t_fixed:.2f} s for the runs: {t_an / (t_c - t_fixed):.0%} of the bound "
           f"without the fixed part")

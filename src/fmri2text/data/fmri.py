@@ -19,9 +19,10 @@ the C order of the 3-D mask (nilearn's ``apply_mask``/``unmask`` convention).
 
 Speed: the work rides on the inflate. As each volume of a ``.nii.gz`` is inflated, and
 while it is still in cache, the voxels non-zero in volume 0 are taken from it into a (T, n)
-array in the file's dtype, with their running max and min; a per-voxel OR of the volume's
-bits finds, after the read, the few voxels first non-zero later (taken then from the whole
-run). Other formats take the brain columns after one max/min pass. The nuisance fit,
+array in the file's dtype; a per-voxel OR of the volume's bits finds, after the read, the
+few voxels first non-zero later (taken then from the whole run): see
+:func:`fmri2text.data.nifti.brain_columns`. Other formats take the brain columns after one
+max/min pass. The nuisance fit,
 z-scoring and windows then run column block by column block while a block is in cache,
 without forming the residual (:func:`_windows`). The reorder to C order happens once, on
 the small per-trial output, fused with the selection of the common voxels
@@ -42,10 +43,9 @@ import pandas as pd
 from fmri2text.config import DataConfig
 from fmri2text.data.betas import check_response, single_trial_betas
 from fmri2text.data.bids import CIFTI_EXTENSION, window_start
-from fmri2text.data.nifti import Scratch, read_series
+from fmri2text.data.nifti import Scratch, brain_columns, column_flags, max_min
 from fmri2text.errors import UserError
 
-MASK_BLOCK = 8192  # columns per slab of the mask pass and the gather: (T, 8192) int16 ~ 2.5 MB
 BLOCK = 4096  # columns per block of detrending, z-scoring and windows: (T, 4096) float32 ~ 2.5 MB
 
 
@@ -127,109 +127,13 @@ def _confounds(bold_path: str, columns: list[str], n_volumes: int) -> np.ndarray
     return table[columns].fillna(0.0).to_numpy(np.float64)
 
 
-class _Gather:
-    """A :func:`~fmri2text.data.nifti.read_gz_nifti` visitor: takes each volume's brain voxels
-    while the volume is still in cache, so the run is not read back from memory.
-
-    The voxels taken are the non-zero ones of volume 0 (NaN counts as non-zero). Every volume
-    also ORs its bits into a per-voxel word, so a voxel that is zero in volume 0 but not in a
-    later one shows after the read (:func:`_brain_columns` takes those from the whole run).
-    """
-
-    def __init__(self, scratch: Scratch) -> None:
-        self.scratch = scratch
-        self.x = None  # (T, n) file dtype: voxels ``index`` over time, once volume 0 is seen
-
-    def __call__(self, t: int, vol: np.ndarray, n_t: int) -> None:
-        if t == 0:
-            if vol.dtype.kind not in "iuf" or vol.dtype.itemsize > 8:
-                return  # not visited: _brain_columns reads the whole run instead
-            self.index = np.flatnonzero(vol)  # (n,) file positions
-            self.x = self.scratch.array((n_t, len(self.index)), vol.dtype)
-            self.bits = np.zeros(vol.shape, f"u{vol.dtype.itemsize}")
-        elif self.x is None:
-            return
-        np.take(vol, self.index, out=self.x[t], mode="clip")  # indices are in range: no check
-        np.bitwise_or(self.bits, vol.view(self.bits.dtype), out=self.bits)
-
-
-def _column_flags(vmax: np.ndarray, vmin: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(nonzero, nonfinite, constant) per column from its max and min over time.
-
-    A NaN propagates into the max and an infinity shows in the max or min, so a column is
-    non-finite exactly when its max or min is; constant = max == min (NaN compares unequal);
-    non-zero = any non-zero or non-finite value (a volume's background is exactly zero).
-    """
-    if vmax.dtype.kind == "f":
-        nonfinite = ~(np.isfinite(vmax) & np.isfinite(vmin))
-    else:
-        nonfinite = np.zeros(len(vmax), bool)
-    nonzero = (vmax != 0) | (vmin != 0) | nonfinite
-    return nonzero, nonfinite, (vmax == vmin) & ~nonfinite
-
-
-def _max_min(series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column max and min of a (T, V) series, slab by slab while a slab is in cache."""
-    n_v = series.shape[1]
-    vmax, vmin = np.empty(n_v, series.dtype), np.empty(n_v, series.dtype)
-    for a in range(0, n_v, MASK_BLOCK):
-        slab = series[:, a:a + MASK_BLOCK]
-        np.max(slab, axis=0, out=vmax[a:a + MASK_BLOCK])
-        np.min(slab, axis=0, out=vmin[a:a + MASK_BLOCK])
-    return vmax, vmin
-
-
-def _take_columns(series: np.ndarray, index: np.ndarray, scratch: Scratch) -> np.ndarray:
-    """(T, len(index)) columns of a (T, V) series, on a pooled buffer, slab by slab."""
-    x = scratch.array((series.shape[0], len(index)), series.dtype)
-    for a in range(0, len(index), MASK_BLOCK):
-        np.take(series, index[a:a + MASK_BLOCK], axis=1, out=x[:, a:a + MASK_BLOCK])
-    return x
-
-
-def _brain_columns(bold_path: str, scratch: Scratch):
-    """A run's brain voxels over time, read once.
-
-    Returns ``(x, index, shape)``: ``x`` (T, n) in the file's dtype (on a pooled buffer: give
-    it back), ``index`` (n,) the grid position of each column in file order (Fortran order
-    for a volume) and ``shape`` the volume shape, or None for CIFTI. Volume brain voxels =
-    non-zero (or non-finite) at some time; every CIFTI grayordinate is brain.
-    """
-    gather, pooled = _Gather(scratch), None
-    try:
-        series, shape, pooled = read_series(bold_path, scratch, gather)
-        if gather.x is not None:  # streamed; add the voxels first non-zero after volume 0
-            x, index = gather.x, gather.index
-            late = gather.bits != 0
-            late[index] = False
-            late = np.flatnonzero(late)
-            if len(late):
-                cols = _take_columns(series, late, scratch)
-                keep = _column_flags(*_max_min(cols))[0]  # bits set, value zero: -0.0 only
-                both = scratch.array((x.shape[0], x.shape[1] + int(keep.sum())), x.dtype)
-                both[:, :x.shape[1]] = x
-                both[:, x.shape[1]:] = cols[:, keep]
-                scratch.give(x, cols)
-                x, index = both, np.concatenate([index, late[keep]])
-            return x, index, shape
-        if shape is None:  # CIFTI: every grayordinate, the array as read (not pooled)
-            return series, np.arange(series.shape[1]), None
-        index = np.flatnonzero(_column_flags(*_max_min(series))[0])
-        return _take_columns(series, index, scratch), index, shape
-    except BaseException:
-        scratch.give(gather.x)
-        raise
-    finally:
-        scratch.give(pooled)
-
-
 def _bad_columns(x: np.ndarray, suspect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(nonfinite, constant) per column of ``x``, checked exactly on the ``suspect`` columns
     only (every other column is known finite and not constant)."""
     nonfinite, constant = np.zeros(x.shape[1], bool), np.zeros(x.shape[1], bool)
     cols = np.flatnonzero(suspect)
     if len(cols):
-        _, nonfinite[cols], constant[cols] = _column_flags(*_max_min(np.take(x, cols, axis=1)))
+        _, nonfinite[cols], constant[cols] = column_flags(*max_min(np.take(x, cols, axis=1)))
     return nonfinite, constant
 
 
@@ -362,7 +266,7 @@ def _process_run(bold_path: str, onsets: np.ndarray, tr: float, cfg: DataConfig,
     responses once more, block by block (the store's format).
     """
     scratch = scratch or Scratch()
-    x, index, shape = _brain_columns(bold_path, scratch)  # x: (T, n_brain)
+    x, index, shape = brain_columns(bold_path, scratch)  # x: (T, n_brain)
     try:
         return _respond(x, index, shape, bold_path, onsets, tr, cfg, events_path, durations,
                         scratch, dtype)

@@ -7,8 +7,8 @@ the inflate itself. So the gzip stream is inflated, by ISA-L's gzip reader, dire
 a buffer from a :class:`Scratch` pool that the next run reuses; the gzip CRC is checked.
 
 Each volume can also be handed to a ``visit(t, volume, n_volumes)`` callback the moment it is
-inflated, while it is still in cache: :func:`fmri2text.data.fmri._process_run` gathers the
-brain voxels there instead of reading the whole run back from memory.
+inflated, while it is still in cache: :func:`brain_columns` takes a run's brain voxels there
+instead of reading the whole run back from memory.
 
 Uncompressed ``.nii`` and CIFTI files go through nibabel.
 """
@@ -30,6 +30,7 @@ from fmri2text.errors import UserError
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, isal_zlib.error)
 HEADER_BYTES = 540  # a NIfTI-2 header; a NIfTI-1 header (348) and the first data bytes
 READ_CHUNK = 1 << 20  # compressed bytes read from the file at a time
+MASK_BLOCK = 8192  # columns per slab of a max/min pass or a gather: (T, 8192) int16 ~ 2.5 MB
 
 
 class Scratch:
@@ -160,3 +161,99 @@ def read_series(path: str, scratch: Scratch, visit=None) -> tuple[np.ndarray, tu
         raise UserError(f"cannot read the image data (truncated or corrupt file?): {err}",
                         path=path, fix="re-download or re-create this file") from None
     return arr.reshape(-1, arr.shape[3], order="F").T, arr.shape[:3], pooled
+
+
+class _Gather:
+    """A :func:`read_gz_nifti` visitor: takes each volume's brain voxels
+    while the volume is still in cache, so the run is not read back from memory.
+
+    The voxels taken are the non-zero ones of volume 0 (NaN counts as non-zero). Every volume
+    also ORs its bits into a per-voxel word, so a voxel that is zero in volume 0 but not in a
+    later one shows after the read (:func:`brain_columns` takes those from the whole run).
+    """
+
+    def __init__(self, scratch: Scratch) -> None:
+        self.scratch = scratch
+        self.x = None  # (T, n) file dtype: voxels ``index`` over time, once volume 0 is seen
+
+    def __call__(self, t: int, vol: np.ndarray, n_t: int) -> None:
+        if t == 0:
+            if vol.dtype.kind not in "iuf" or vol.dtype.itemsize > 8:
+                return  # not visited: brain_columns reads the whole run instead
+            self.index = np.flatnonzero(vol)  # (n,) file positions
+            self.x = self.scratch.array((n_t, len(self.index)), vol.dtype)
+            self.bits = np.zeros(vol.shape, f"u{vol.dtype.itemsize}")
+        elif self.x is None:
+            return
+        np.take(vol, self.index, out=self.x[t], mode="clip")  # indices are in range: no check
+        np.bitwise_or(self.bits, vol.view(self.bits.dtype), out=self.bits)
+
+
+def column_flags(vmax: np.ndarray, vmin: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nonzero, nonfinite, constant) per column from its max and min over time.
+
+    A NaN propagates into the max and an infinity shows in the max or min, so a column is
+    non-finite exactly when its max or min is; constant = max == min (NaN compares unequal);
+    non-zero = any non-zero or non-finite value (a volume's background is exactly zero).
+    """
+    if vmax.dtype.kind == "f":
+        nonfinite = ~(np.isfinite(vmax) & np.isfinite(vmin))
+    else:
+        nonfinite = np.zeros(len(vmax), bool)
+    nonzero = (vmax != 0) | (vmin != 0) | nonfinite
+    return nonzero, nonfinite, (vmax == vmin) & ~nonfinite
+
+
+def max_min(series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column max and min of a (T, V) series, slab by slab while a slab is in cache."""
+    n_v = series.shape[1]
+    vmax, vmin = np.empty(n_v, series.dtype), np.empty(n_v, series.dtype)
+    for a in range(0, n_v, MASK_BLOCK):
+        slab = series[:, a:a + MASK_BLOCK]
+        np.max(slab, axis=0, out=vmax[a:a + MASK_BLOCK])
+        np.min(slab, axis=0, out=vmin[a:a + MASK_BLOCK])
+    return vmax, vmin
+
+
+def take_columns(series: np.ndarray, index: np.ndarray, scratch: Scratch) -> np.ndarray:
+    """(T, len(index)) columns of a (T, V) series, on a pooled buffer, slab by slab."""
+    x = scratch.array((series.shape[0], len(index)), series.dtype)
+    for a in range(0, len(index), MASK_BLOCK):
+        np.take(series, index[a:a + MASK_BLOCK], axis=1, out=x[:, a:a + MASK_BLOCK])
+    return x
+
+
+def brain_columns(bold_path: str, scratch: Scratch):
+    """A run's brain voxels over time, read once.
+
+    Returns ``(x, index, shape)``: ``x`` (T, n) in the file's dtype (on a pooled buffer: give
+    it back), ``index`` (n,) the grid position of each column in file order (Fortran order
+    for a volume) and ``shape`` the volume shape, or None for CIFTI. Volume brain voxels =
+    non-zero (or non-finite) at some time; every CIFTI grayordinate is brain.
+    """
+    gather, pooled = _Gather(scratch), None
+    try:
+        series, shape, pooled = read_series(bold_path, scratch, gather)
+        if gather.x is not None:  # streamed; add the voxels first non-zero after volume 0
+            x, index = gather.x, gather.index
+            late = gather.bits != 0
+            late[index] = False
+            late = np.flatnonzero(late)
+            if len(late):
+                cols = take_columns(series, late, scratch)
+                keep = column_flags(*max_min(cols))[0]  # bits set, value zero: -0.0 only
+                both = scratch.array((x.shape[0], x.shape[1] + int(keep.sum())), x.dtype)
+                both[:, :x.shape[1]] = x
+                both[:, x.shape[1]:] = cols[:, keep]
+                scratch.give(x, cols)
+                x, index = both, np.concatenate([index, late[keep]])
+            return x, index, shape
+        if shape is None:  # CIFTI: every grayordinate, the array as read (not pooled)
+            return series, np.arange(series.shape[1]), None
+        index = np.flatnonzero(column_flags(*max_min(series))[0])
+        return take_columns(series, index, scratch), index, shape
+    except BaseException:
+        scratch.give(gather.x)
+        raise
+    finally:
+        scratch.give(pooled)

@@ -34,7 +34,6 @@ Design:
 
 from __future__ import annotations
 
-import gc
 import gzip
 import hashlib
 import io
@@ -44,7 +43,6 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -265,20 +263,6 @@ def _run_subjects(todo: list, trials: pd.DataFrame, cfg: DataConfig, store: Path
             raise
 
 
-@contextmanager
-def _collector_paused():
-    """Python's cycle collector off for a block that allocates many long-lived objects: it
-    would scan them again and again (0.1-0.2 s of pybids' import and indexing) to find
-    nothing. Restored on exit, errors included."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def prepare(bids: str | Path, out: str | Path, cfg: Config, log: Callable[[str], None] = print,
             verify: bool = False) -> Path:
     """Read a BIDS dataset into ``out``: trials.tsv, the chunked store, mask and manifest.
@@ -305,8 +289,7 @@ def prepare(bids: str | Path, out: str | Path, cfg: Config, log: Callable[[str],
     if not bids.is_dir():
         raise UserError("dataset folder not found", path=bids,
                         fix="pass --bids the root of a BIDS dataset (the folder holding sub-*/)")
-    with _collector_paused():  # pybids (SQLAlchemy) makes ~200k objects, none of them garbage
-        all_trials = load_trials(bids, cfg.data)  # (N rows): every trial, sorted by subject
+    all_trials = load_trials(bids, cfg.data)  # (N rows): every trial, sorted by subject
     all_trials["row"] = np.arange(len(all_trials))  # store row of each trial
     table = assign_splits(all_trials, cfg.split)  # may drop rows (overlap: drop)
     check_leakage(table)
