@@ -247,8 +247,9 @@ def _windows(x: np.ndarray, q: np.ndarray, rows: np.ndarray, standardize: bool, 
 
 def _cleaned(x: np.ndarray, q: np.ndarray, standardize: bool) -> np.ndarray:
     """(T, n) float32 residuals of ``x`` on the nuisance basis ``q``, z-scored if asked (the
-    input of single-trial betas)."""
+    input of single-trial betas). Shifted by the first volume first, as in :func:`_windows`."""
     x = x.astype(np.float32)
+    x -= x[0].copy()
     x -= q @ (q.T @ x)
     if standardize:
         std = x.std(axis=0, ddof=1)
