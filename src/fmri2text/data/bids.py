@@ -54,29 +54,27 @@ def _tasks(cfg: DataConfig) -> list[str] | None:
 def _layout(path: Path, derivative: bool, space: str):
     """A pybids layout of ``path``. Only BOLD metadata is read (RepetitionTime), so for volumes
     only the ``bold`` suffix is indexed (every level's ``*_bold.json`` is among it: inheritance
-    holds) at half the cost; CIFTI file names vary, so all of it is indexed there."""
+    holds) at half the cost; CIFTI file names vary, so all of it is indexed there. The cycle
+    collector is off meanwhile: pybids (SQLAlchemy) makes ~200k long-lived objects that it
+    would rescan to find no garbage (0.1-0.2 s of a small dataset's indexing)."""
     enabled = gc.isenabled()
-    gc.disable()  # pybids (SQLAlchemy) makes ~200k long-lived objects: the cycle collector
-    try:  # would rescan them to find no garbage (0.1-0.2 s of a small dataset's indexing)
-        return _pybids_layout(path, derivative, space)
+    gc.disable()
+    try:
+        from bids import BIDSLayout
+        from bids.layout import BIDSLayoutIndexer
+
+        ignore = ["code", "sourcedata", "stimuli", "derivatives", re.compile(r"/\.")]
+        only = {} if space == "cifti" else {"suffix": "bold"}
+        indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True, **only)
+        config = ["bids", "derivatives"] if derivative else ["bids"]
+        try:
+            return BIDSLayout(path, validate=False, config=config, indexer=indexer)
+        except Exception as err:  # pybids raises several types for unreadable trees
+            raise UserError(f"pybids cannot index this folder: {err}", path=path,
+                            fix="pass the root of a BIDS dataset (the folder holding sub-*/)") from None
     finally:
         if enabled:
             gc.enable()
-
-
-def _pybids_layout(path: Path, derivative: bool, space: str):
-    from bids import BIDSLayout
-    from bids.layout import BIDSLayoutIndexer
-
-    ignore = ["code", "sourcedata", "stimuli", "derivatives", re.compile(r"/\.")]
-    only = {} if space == "cifti" else {"suffix": "bold"}
-    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True, **only)
-    config = ["bids", "derivatives"] if derivative else ["bids"]
-    try:
-        return BIDSLayout(path, validate=False, config=config, indexer=indexer)
-    except Exception as err:  # pybids raises several types for unreadable trees
-        raise UserError(f"pybids cannot index this folder: {err}", path=path,
-                        fix="pass the root of a BIDS dataset (the folder holding sub-*/)") from None
 
 
 def _key(f) -> tuple[str, str, str, int]:
