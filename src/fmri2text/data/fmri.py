@@ -22,9 +22,8 @@ while it is still in cache, the voxels non-zero in volume 0 are taken from it in
 array in the file's dtype; a per-voxel OR of the volume's bits finds, after the read, the
 few voxels first non-zero later (taken then from the whole run): see
 :func:`fmri2text.data.nifti.brain_columns`. Other formats take the brain columns after one
-max/min pass. The nuisance fit,
-z-scoring and windows then run column block by column block while a block is in cache,
-without forming the residual (:func:`_windows`). The reorder to C order happens once, on
+max/min pass. The nuisance fit, z-scoring and windows then run column block by column block
+while a block is in cache, without forming the residual (:func:`_windows`). The reorder to C order happens once, on
 the small per-trial output, fused with the selection of the common voxels
 (:meth:`_Run.columns`).
 """
@@ -205,6 +204,7 @@ def _windows(x: np.ndarray, q: np.ndarray, rows: np.ndarray, standardize: bool, 
     n_t, n = x.shape
     n_trials, window = rows.shape
     qw = q[rows]  # (n_trials, window, K): the nuisance basis at each window volume
+    qmean = qw.mean(axis=1)  # (n_trials, K): its window means
     values = scratch.array((n_trials, window, n) if stack else (n_trials, n), dtype)
     suspect = np.empty(n, bool)
     y = scratch.array((n_t, min(BLOCK, n)), np.float32)
@@ -237,7 +237,7 @@ def _windows(x: np.ndarray, q: np.ndarray, rows: np.ndarray, standardize: bool, 
                 for k in range(1, window):
                     acc += np.take(yb, rows[:, k], axis=0)
                 acc *= np.float32(1 / window)
-                acc -= qw.mean(axis=1) @ c
+                acc -= qmean @ c
                 if scale is not None:
                     acc *= scale
                 _store(acc, values[:, a:a + BLOCK])
@@ -404,7 +404,7 @@ def extract_responses(trials: pd.DataFrame, cfg: DataConfig, scratch: Scratch | 
     lead = (len(trials),) if cfg.aggregate == "mean" else (len(trials), cfg.window)
     data = scratch.array(lead + (int(common.sum()),), dtype)  # reused pages when pooled
     for (path, rows), res in zip(runs, results):
-        if rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():  # a row range: no copy
+        if rows[-1] - rows[0] == len(rows) - 1:  # ascending, distinct: a row range, no copy
             np.take(res.values, res.columns(common), axis=-1, out=data[rows[0]:rows[-1] + 1],
                     mode="clip")  # indices are in range; "raise" would buffer the output
         else:
