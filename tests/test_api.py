@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmri2text.api import Decoder, export_run_model
+from fmri2text.api import Decoder
+from fmri2text.export import export_run_model
 from fmri2text.config import load_config
 from fmri2text.errors import UserError
 

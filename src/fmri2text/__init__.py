@@ -9,8 +9,12 @@ __all__ = ["Decoder", "export_run_model", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("Decoder", "export_run_model"):
-        from fmri2text import api
+    if name == "Decoder":
+        from fmri2text.api import Decoder
 
-        return getattr(api, name)
+        return Decoder
+    if name == "export_run_model":
+        from fmri2text.export import export_run_model
+
+        return export_run_model
     raise AttributeError(f"module 'fmri2text' has no attribute {name!r}")

@@ -20,7 +20,8 @@ A decoder folder (format ``fmri2text-decoder``, version :data:`FORMAT_VERSION`) 
 Loading reads only these files, with JSON, ``np.load(allow_pickle=False)`` and safetensors:
 nothing in the folder is executed, other files (``*.pkl``, ``*.bin``, …) are never opened, and
 the LLM is loaded from its own location (``config.json`` names it and records its hash).
-``fmri2text run`` exports its final decoder to ``RUN/model`` with :func:`export_run_model`;
+``fmri2text run`` exports its final decoder to ``RUN/model`` with
+:func:`fmri2text.export.export_run_model`;
 ``fmri2text decode`` decodes through the same :class:`Decoder`.
 """
 
@@ -43,7 +44,7 @@ from fmri2text.config import Config
 from fmri2text.data.preprocessing import Preprocessing, Trials
 from fmri2text.errors import UserError
 from fmri2text.io import write_json, write_text
-from fmri2text.model_card import export_run_model, usage_card  # noqa: F401 - re-exported
+from fmri2text.model_card import usage_card
 
 FORMAT = "fmri2text-decoder"
 #: Version of the folder layout this fmri2text writes; it reads this version and older ones.
@@ -53,7 +54,7 @@ CONFIG_FILE, STUDENT_FILE, MASK_FILE, CARD_FILE = ("config.json", "student.safet
 #: the folder's files whose sha256 ``config.json`` records and loading checks
 CHECKED_FILES = (STUDENT_FILE, MASK_FILE)
 _SECTIONS = ("student", "llm", "teacher", "preprocessing", "generation", "files")
-_REEXPORT = "re-export it (fmri2text run, or fmri2text.api.export_run_model) or copy it again"
+_REEXPORT = "re-export it (fmri2text run, or fmri2text.export.export_run_model) or copy it again"
 
 
 def _sha256(path: Path) -> str:
@@ -196,9 +197,9 @@ class Decoder:
         device : str or torch.device
             Where the student and the LLM run.
         """
-        from fmri2text.decoding import check_student
         from fmri2text.steps import teacher_checkpoint
         from fmri2text.training.stage1 import load_student
+        from fmri2text.training.stage2 import check_student
 
         run = Path(run)
         student_path = check_student(run, cfg)

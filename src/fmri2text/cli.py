@@ -194,7 +194,8 @@ def decode(bids: Path = BIDS_OPT, run: Path = RUN_OPT,
            config: Optional[Path] = CONFIG_OPT,
            overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
     """Held-out test fMRI + instruction → fMRI2Text through the Stage II student and the LLM."""
-    from fmri2text.decoding import check_student, run_decode
+    from fmri2text.decoding import run_decode
+    from fmri2text.training.stage2 import check_student
 
     cfg = _load(config, overrides)
     _check_run_dir(run)

@@ -161,6 +161,9 @@ class EncoderConfig:
     adapter_scale: float = 1.0
     projector_dim: int = 256  # width of the projector's cross-attention
     projector_heads: int = 4
+    # linear path: closed-form ridge from the mean response into token space, the deep path
+    # residual to it (models/student.py); principal directions kept, 0 = no linear path
+    linear_rank: int = 512
 
 
 @dataclass
@@ -195,7 +198,7 @@ class TeacherConfig:
     qformer_hidden: int = 0  # Q-Former width when bert='none' (0: 64; BLIP-2: 768)
     qformer_heads: int = 0  # Q-Former heads when bert='none' (0: 4; BLIP-2: 12)
     llm: str = "smollm2"  # 'smollm2' (embedded) or a local transformers folder
-    llm_dtype: str = "auto"  # auto (bf16 only where native: GPU/AVX-512) | bfloat16 | float32
+    llm_dtype: str = "auto"  # auto (bf16 on a CUDA GPU, fp32 on every CPU) | bfloat16 | float32
     vision: str = "efficientnet-lite0"
     image_size: int = 128  # backbone input px (224: 7x7 patches; 128: 4x4)
     n_frames: int = 8  # frames sampled per clip
@@ -245,7 +248,7 @@ class Stage1Config:
     checkpoint_every: int = 50  # steps between checkpoints (and on SIGTERM/SIGINT)
     keep_last: int = 2  # checkpoints kept
     log_every: int = 10  # steps between log.jsonl / TensorBoard writes
-    mixed_precision: str = "auto"  # auto (bf16 only where native: GPU, AVX-512) | bf16 | no
+    mixed_precision: str = "auto"  # auto (bf16 on a CUDA GPU, fp32 on every CPU) | bf16 | no
     # '' none: at demo scale MBM init made the decoder worse (BENCHMARKS); auto: RUN/mbm/mbm.safetensors
     # or RUN/mbm.safetensors (fmri2text run then runs pretrain-mbm); or a file
     mbm_checkpoint: str = ""
@@ -268,7 +271,7 @@ class Stage2Config:
     checkpoint_every: int = 20
     keep_last: int = 2
     log_every: int = 5
-    mixed_precision: str = "auto"  # auto follows the LLM dtype (bf16 only where native) | bf16 | no
+    mixed_precision: str = "auto"  # auto follows the LLM dtype (bf16 on a CUDA GPU only) | bf16 | no
     train_tokenizer: bool = False  # DESIGN: only the bridge (adaptors + projector) and g train
     compare_da: bool = False  # also train the other DA setting (same seed) for the with/without table
     eval_max_trials: int = 64  # held-out test trials (evenly spaced) for the CE; 0 = all

@@ -10,7 +10,10 @@ it writes::
     RUN/controls/shuffled.jsonl    same student, fMRI permuted within subject
     RUN/controls/prompt_only.jsonl no fMRI tokens: the LLM's prior
     RUN/controls/ridge.jsonl       ridge fMRI → sentence embedding, nearest training answer
-    RUN/retrieval.npz              pooled Z of each trial, pooled X of each test clip
+    RUN/controls/ridge_tokens.jsonl  ridge fMRI → the teacher's video tokens, through the frozen
+                                   LLM with the decoder's instruction and generation settings
+    RUN/retrieval.npz              pooled Z of each trial, pooled X of each test clip; the
+                                   peers' predictions and candidates (identification)
     RUN/brain_map.nii.gz           gradient saliency of the student, back in the volume
     RUN/decode.json                what was decoded with (student hash, timings)
 """
@@ -27,81 +30,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
-from fmri2text.config import Config, to_dict
+from fmri2text.config import Config
 from fmri2text.errors import UserError
 from fmri2text.io import ensure_output_dir, write_bytes, write_json, write_jsonl
 from fmri2text.steps import EVAL_ANNOTATIONS, teacher_checkpoint
 
 Log = Callable[[str], None]
-
-STUDENT = Path("stage2") / "student.safetensors"
-#: config keys that must match between the Stage II run and the decoding config
-STAGE2_KEYS = ("data", "split", "loss", "stage2", "teacher.llm", "teacher.video_queries",
-               "teacher.system_prompt")
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def _pick(flat: dict, keys: tuple[str, ...]) -> dict:
-    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
-
-
-def check_student(run: Path, cfg: Config) -> Path:
-    """Refuse a Stage II student trained with another config (naming the file and the keys).
-
-    Compares the encoder recorded in the student file and the Stage II run's
-    ``config.yaml`` (data, split, loss, stage2, the LLM) with ``cfg``.
-    """
-    from safetensors import safe_open
-
-    path = Path(run) / STUDENT
-    if not path.is_file():
-        raise UserError("no trained Stage II student in the run", path=path,
-                        fix="train it first: fmri2text train stage2 (or fmri2text run)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        saved = {"encoder": json.loads(meta["encoder"])}
-        n_tokens = int(meta["n_tokens"])
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to replace
-        raise UserError(f"not an fmri2text student file ({type(err).__name__}: {err})", path=path,
-                        fix="retrain it with fmri2text train stage2") from None
-    current = _flatten(to_dict(cfg))
-    diffs = [(k, v, current.get(k)) for k, v in _flatten(saved).items() if current.get(k) != v]
-    from fmri2text.models.teacher import resolve_preset
-
-    queries = resolve_preset(cfg.teacher).video_queries
-    if n_tokens != queries:
-        diffs.append(("teacher.video_queries", n_tokens, queries))
-    cfg_file = path.parent / "config.yaml"
-    if cfg_file.is_file():
-        try:
-            trained = _flatten(yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {})
-        except (OSError, yaml.YAMLError, AttributeError):
-            trained = {}
-        diffs += [(k, v, current.get(k)) for k, v in _pick(trained, STAGE2_KEYS).items()
-                  if current.get(k) != v and (k, v, current.get(k)) not in diffs]
-    if diffs:
-        shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs[:4])
-        raise UserError(f"the student checkpoint was trained with another config ({shown}"
-                        f"{'; …' if len(diffs) > 4 else ''})", path=path,
-                        fix=f"decode with the config it was trained with (--config {cfg_file}), "
-                            "or retrain with this one (fmri2text run skips what is unchanged)")
-    return path
-
 
 def _file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
@@ -142,6 +77,13 @@ def _eval_answers(run: Path, digest: str, clips: list[str], instruction: str
     return v2t, pooled.numpy(), distinct
 
 
+def _distinct_answers(distinct: list[str], clips, references: list[str]) -> list[str]:
+    """The reference text of each distinct test clip (the ridge peer's identification
+    candidates, in its sentence space)."""
+    first = dict(zip(clips, references))
+    return [first[c] for c in distinct]
+
+
 def _saliency(student, data, positions: np.ndarray, batch: int) -> np.ndarray:
     """Mean |∂‖Z‖²/∂fMRI| over trials and time, per feature (F,): where the decoder looks."""
     total = None
@@ -167,6 +109,7 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     from fmri2text.evaluation.baselines import RidgeBaseline
     from fmri2text.evaluation.evaluate import shuffle_within_subject
     from fmri2text.training.stage1 import load_targets
+    from fmri2text.training.stage2 import check_student
 
     run = Path(run)
     student_path = check_student(run, cfg)
@@ -206,18 +149,35 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
 
     t = time.perf_counter()
     train_idx = split_rows(trials, "train")
-    train_texts = load_targets(run, cfg.stage1.annotations).text_of(
-        trials["stim_file"].astype(str).to_numpy()[train_idx])[1]
+    train_targets = load_targets(run, cfg.stage1.annotations)
+    train_clips = trials["stim_file"].astype(str).to_numpy()[train_idx]
+    train_texts = train_targets.text_of(train_clips)[1]
     X = windows.data.mean(axis=1)  # (n_trials, F): the window's mean response
+    groups = trials["subject"].to_numpy()[train_idx]
     ridge = RidgeBaseline(cfg.baseline)
-    ridge.fit(X[train_idx], train_texts, groups=trials["subject"].to_numpy()[train_idx])
+    ridge.fit(X[train_idx], train_texts, groups=groups)
     ridge_texts = ridge.decode(X[test_idx])
+    ridge_pred = ridge.predict_embeddings(X[test_idx])  # (n, 384) sentence space
+    references = [v if v is not None else (list(trials["captions"].iat[i]) or [""])[0]
+                  for i, v in zip(test_idx, video2text)]  # what the texts are scored against
+    ridge_cand = ridge.embed(_distinct_answers(distinct, test.clips, references))
     timings["ridge"] = time.perf_counter() - t
+    # the linear peer of the student: the same features onto the teacher's tokens (the
+    # Stage I target), decoded by the frozen LLM exactly as the student's tokens are
+    t = time.perf_counter()
+    x_train = train_targets.tokens_of(train_clips)  # (n_train, L, d)
+    tok_ridge = RidgeBaseline(cfg.baseline).fit(X[train_idx], train_texts, groups=groups,
+                                                Y=x_train.reshape(len(train_idx), -1).numpy())
+    z_lin = torch.from_numpy(tok_ridge.predict_embeddings(X[test_idx]).astype(np.float32)
+                             ).view(len(test), *x_train.shape[1:])  # (n, L, d)
+    ridge_tokens = decoder.generate(z_lin, instrs)
+    timings["ridge_tokens"] = time.perf_counter() - t
 
     predictions = _rows(trials, test_idx, instruction, video2text, decoded)
     controls = {"shuffled": _rows(trials, test_idx, instruction, video2text, shuffled),
                 "prompt_only": _rows(trials, test_idx, instruction, video2text, [prior] * len(test)),
-                "ridge": _rows(trials, test_idx, instruction, video2text, ridge_texts)}
+                "ridge": _rows(trials, test_idx, instruction, video2text, ridge_texts),
+                "ridge_tokens": _rows(trials, test_idx, instruction, video2text, ridge_tokens)}
     write_jsonl(run / "predictions.jsonl", predictions)
     ensure_output_dir(run / "controls", what="controls folder")
     for name, rows in controls.items():
@@ -225,7 +185,9 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     pooled = torch.nn.functional.normalize(z.mean(dim=1), dim=-1).numpy()  # (n, d)
     true_index = np.array([distinct.index(c) for c in test.clips])
     buf = io.BytesIO()
-    np.savez(buf, pred=pooled, candidates=cand, true_index=true_index)
+    np.savez(buf, pred=pooled, candidates=cand, true_index=true_index,
+             ridge_tokens_pred=z_lin.mean(dim=1).numpy(), ridge_pred=ridge_pred,
+             ridge_candidates=ridge_cand)
     write_bytes(run / "retrieval.npz", buf.getvalue())
     _write_saliency(run, windows, trials, saliency)
     record = {"decoder": "fmri2text", "student": str(student_path),
@@ -282,7 +244,9 @@ def read_run_outputs(run: Path) -> tuple[list[dict], dict[str, list[dict]], dict
     if rpath.is_file():
         try:
             with np.load(rpath, allow_pickle=False) as f:
-                retrieval = {k: f[k] for k in ("pred", "candidates", "true_index")}
+                retrieval = {k: f[k] for k in f.files}
+            if not {"pred", "candidates", "true_index"} <= set(retrieval):
+                raise KeyError("pred, candidates and true_index")
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"cannot read retrieval embeddings ({err})", path=rpath,
                             fix="delete it and rerun fmri2text decode") from None

@@ -234,7 +234,7 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
     from fmri2text import decoding, steps
     from fmri2text.data.store import prepare
     from fmri2text.evaluation.evaluate import format_table
-    from fmri2text.model_card import export_run_model
+    from fmri2text.export import export_run_model
     from fmri2text.report.html import build_report
     from fmri2text.training.stage1 import train_stage1
     from fmri2text.training.stage2 import train_stage2

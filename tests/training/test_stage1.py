@@ -31,7 +31,8 @@ def experiment():
 
 def test_stage1_beats_chance_and_untrained_and_writes_its_files(tmp_path, experiment):
     windows, targets = experiment
-    cfg = load_config(None, TINY + ["stage1.steps=60"])
+    # the deep path alone (no linear path, which is already at the ridge optimum at step 0)
+    cfg = load_config(None, TINY + ["stage1.steps=60", "encoder.linear_rank=0"])
     m = train_stage1(None, tmp_path, cfg, windows=windows, targets=targets, progress=False,
                      log=lambda s: None)
     before, after = m["retrieval_before"], m["retrieval_after"]
@@ -48,6 +49,40 @@ def test_stage1_beats_chance_and_untrained_and_writes_its_files(tmp_path, experi
     saved = load_file(str(stage / "student.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())
     assert info["input_shape"] == (2, 8, 8, 6)
+
+
+def test_linear_path_starts_at_the_closed_form_ridge(experiment):
+    from fmri2text.config import BaselineConfig
+    from fmri2text.data.datasets import TrialWindows, split_rows
+    from fmri2text.evaluation.baselines import RidgeBaseline
+    from fmri2text.training.stage1 import build_student, fit_linear_path
+
+    windows, targets = experiment
+    cfg = load_config(None, TINY)
+    train = TrialWindows(windows, split_rows(windows.trials, "train"))
+    test = TrialWindows(windows, split_rows(windows.trials, "test"))
+    x_train = targets.tokens_of(train.clips)  # (n, L, d)
+    ridge, index, offsets = fit_linear_path(cfg, train, x_train)
+    student, _ = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, None,
+                               (ridge, index))
+    student.eval()
+    with torch.no_grad():
+        z = student(test.fmri(np.arange(len(test))))  # (n_test, L, d)
+    # the untrained student is exactly the ridge map (its deep path starts at zero) ...
+    exact = RidgeBaseline(cfg.baseline).fit(windows.data[train.rows].mean(1), ["."] * len(train),
+                                            Y=x_train.reshape(len(train), -1).numpy(),
+                                            groups=train.subjects)
+    want = exact.predict_embeddings(windows.data[test.rows].mean(1)).reshape(z.shape)
+    np.testing.assert_allclose(z.numpy(), want, rtol=1e-4, atol=1e-4)
+    # ... and each training trial's offset turns its in-sample prediction into the one of the
+    # map fitted without its subject
+    feats = windows.data[train.rows].mean(1)
+    held = train.subjects == train.subjects[0]
+    fold = RidgeBaseline(BaselineConfig(alphas=[ridge.alpha_], cv_folds=1)).fit(
+        feats[~held], ["."] * int((~held).sum()), Y=x_train[~held].reshape(int((~held).sum()), -1).numpy())
+    got = ridge.predict_embeddings(feats[held]) + offsets[held].reshape(int(held.sum()), -1).numpy()
+    np.testing.assert_allclose(got, fold.predict_embeddings(feats[held]), rtol=1e-4, atol=1e-4)
+    assert offsets.abs().max() > 0
 
 
 def test_frozen_encoder_base_does_not_change(tmp_path, experiment):

@@ -65,7 +65,11 @@ def test_only_the_bridge_trains(trained):
     assert all(torch.equal(p, after[n]) for n, p in base.items())
     freeze_for_stage2(s2)
     names = {n for n, p in s2.named_parameters() if p.requires_grad}
-    assert names and all(".adapter." in f".{n}" or n.startswith("projector.") for n in names)
+    assert names and all(".adapter." in f".{n}" or n.startswith(("projector.", "linear."))
+                         for n in names)
+    assert {"linear.weight", "linear.bias"} <= names  # the linear path is part of the bridge
+    assert all(torch.equal(s1.linear.get_buffer(b), s2.linear.get_buffer(b))
+               for b in ("index", "mean", "scale", "basis"))  # its fitted basis stays
 
 
 def test_memory_bank_holds_only_adapt_trials(trained):

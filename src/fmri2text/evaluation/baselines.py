@@ -73,7 +73,7 @@ class RidgeBaseline:
         return X
 
     def fit(self, X: np.ndarray, texts: list[str], Y: np.ndarray | None = None,
-            groups: np.ndarray | None = None) -> "RidgeBaseline":
+            groups: np.ndarray | None = None, max_rank: int = 0) -> "RidgeBaseline":
         """Fit the standardiser and the ridge map on training trials.
 
         Parameters
@@ -87,6 +87,11 @@ class RidgeBaseline:
         groups:
             (n,) labels (e.g. subjects) kept whole within CV folds, so the penalty is
             chosen for generalisation to new subjects.
+        max_rank:
+            Keep only the ``max_rank`` leading principal directions of the standardised
+            features (0: all, the exact ridge solution). The map is stored factored as
+            ``basis_`` (p, r) and ``weight_`` (r, d), so a wide target (the teacher's L x d
+            tokens) never forms a (p, d) matrix.
         """
         X = self._check_X(X, "training fMRI features")
         texts = [str(t) for t in texts]
@@ -118,10 +123,16 @@ class RidgeBaseline:
             self.alpha_ = float(alphas[0])
 
         lam, Q = np.linalg.eigh(K)  # K = Q diag(lam) Q^T (Xs is centred: K is too)
-        lam = np.clip(lam, 0, None)
+        # Xs = U S V^T: keep the components with S > 0, largest first (at most max_rank)
+        keep = np.flatnonzero(lam > max(lam.max(), 0.0) * 1e-10)[::-1]
+        if max_rank > 0:
+            keep = keep[:max_rank]
+        S = np.sqrt(lam[keep])  # (r,)
+        U = Q[:, keep]  # (n, r)
         self.intercept_ = Y.mean(0)  # (d,)
-        dual = Q @ ((Q.T @ (Y - self.intercept_)) / (lam + self.alpha_)[:, None])  # (n, d)
-        self.coef_ = Xs.T @ dual  # (p, d) primal weights
+        # coef = Xs^T Q diag(1/(lam+alpha)) Q^T Yc = V diag(S/(S^2+alpha)) U^T Yc, V = Xs^T U / S
+        self.basis_ = Xs.T @ (U / S)  # (p, r) orthonormal feature directions
+        self.weight_ = (S / (lam[keep] + self.alpha_))[:, None] * (U.T @ (Y - self.intercept_))  # (r, d)
         # decoding candidates: each distinct training text once
         first: dict[str, int] = {}
         for i, t in enumerate(texts):
@@ -152,8 +163,14 @@ class RidgeBaseline:
             out[a] = ((pred - Y[val]) ** 2).sum()
         return out
 
+    @property
+    def coef_(self) -> np.ndarray:
+        """(p, d) primal weights (formed on demand: ``basis_ @ weight_``)."""
+        self._check_fitted()
+        return self.basis_ @ self.weight_
+
     def _check_fitted(self) -> None:
-        if not hasattr(self, "coef_"):
+        if not hasattr(self, "weight_"):
             raise RuntimeError("RidgeBaseline is not fitted: call fit() first")
 
     def predict_embeddings(self, X: np.ndarray) -> np.ndarray:
@@ -164,7 +181,7 @@ class RidgeBaseline:
             raise UserError(f"fMRI features have {X.shape[1]} columns but the ridge baseline was "
                             f"fitted on {len(self.mean_)}",
                             fix="extract features with the same mask and window as training")
-        return ((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
+        return (((X - self.mean_) / self.scale_) @ self.basis_) @ self.weight_ + self.intercept_
 
     def decode(self, X: np.ndarray) -> list[str]:
         """The reference text of the nearest (cosine) training clip, per trial."""

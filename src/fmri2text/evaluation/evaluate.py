@@ -198,6 +198,37 @@ def _against(refs: list[list[str]], predictions: list[dict], controls: dict[str,
     return out
 
 
+def _retrieval_sets(retrieval: dict) -> dict[str, tuple]:
+    """name → (pred, candidates, true_index) of the decoder and of each peer saved beside it
+    (``<peer>_pred`` with ``<peer>_candidates``, or the decoder's candidates)."""
+    true_index = retrieval.get("true_index")
+    true_index = np.arange(len(retrieval["pred"])) if true_index is None else np.asarray(true_index)
+    out = {"fmri2text": (retrieval["pred"], retrieval["candidates"], true_index)}
+    for key in retrieval:
+        if key.endswith("_pred"):
+            name = key[:-len("_pred")]
+            out[name] = (retrieval[key], retrieval.get(f"{name}_candidates", retrieval["candidates"]),
+                         true_index)
+    return out
+
+
+def identification(pred: np.ndarray, candidates: np.ndarray, true_index: np.ndarray,
+                   subjects: np.ndarray) -> tuple[dict, dict]:
+    """(total, per-subject) top-1 / top-5 / 2-way identification with chance levels.
+
+    Total: among all candidates; a subject: among the clips that subject's test trials
+    showed (its own test clips), so a subject's chance level is that of its own set.
+    """
+    pred, cand, true_index = np.asarray(pred), np.asarray(candidates), np.asarray(true_index)
+    total = retrieval_metrics(pred, cand, true_index)
+    per = {}
+    for s in sorted(set(subjects)):
+        rows = np.flatnonzero(subjects == s)
+        own, local = np.unique(true_index[rows], return_inverse=True)
+        per[s] = retrieval_metrics(pred[rows], cand[own], local.reshape(-1))
+    return total, per
+
+
 def evaluate(predictions: list[dict], controls: dict[str, list[dict]], scorer: TextScorer,
              cfg: EvaluationConfig, retrieval: dict | None = None) -> dict:
     """Score predictions and controls into the metrics.json structure of DESIGN §5.
@@ -214,7 +245,10 @@ def evaluate(predictions: list[dict], controls: dict[str, list[dict]], scorer: T
     retrieval:
         Optional ``{"pred": (n, d), "candidates": (m, d), "true_index": (n,) (optional)}``:
         fMRI-predicted and candidate clip embeddings, row-aligned with ``predictions``;
-        adds top1/top5/twoway (×100) and their chance levels to subjects and total.
+        adds top1/top5/twoway (×100) and their chance levels to subjects (among each
+        subject's own test clips) and total (among all). Peers' predictions
+        ``<control>_pred`` (with ``<control>_candidates`` when they live in another space)
+        add the same to that control's rows.
     """
     check_predictions(predictions, "predictions.jsonl")
     for name, rows in controls.items():
@@ -227,24 +261,27 @@ def evaluate(predictions: list[dict], controls: dict[str, list[dict]], scorer: T
         vs_truth: dict = {}
     elif kind == "truth":
         vs_truth = {k: primary[k] for k in ("subjects", "total", "controls", "controls_subjects",
-                                            "p_values")}
+                                            "p_values", "permutation")}
     else:
         full = _against(truth, predictions, controls, scorer, cfg, subjects)
         vs_truth = {k: full[k] for k in ("subjects", "total", "controls", "controls_subjects",
-                                         "p_values")}
+                                         "p_values", "permutation")}
 
     if retrieval is not None:
-        pred = np.asarray(retrieval["pred"])
-        cand = np.asarray(retrieval["candidates"])
-        if len(pred) != len(predictions):
-            raise ValueError(f"retrieval has {len(pred)} predicted embeddings for "
+        if len(retrieval["pred"]) != len(predictions):
+            raise ValueError(f"retrieval has {len(retrieval['pred'])} predicted embeddings for "
                              f"{len(predictions)} predictions")
-        true_index = retrieval.get("true_index")
-        true_index = np.arange(len(pred)) if true_index is None else np.asarray(true_index)
-        primary["total"].update(retrieval_metrics(pred, cand, true_index))
-        for s in primary["subjects"]:
-            rows = np.flatnonzero(subjects == s)
-            primary["subjects"][s].update(retrieval_metrics(pred[rows], cand, true_index[rows]))
+        for name, (pred, cand, true_index) in _retrieval_sets(retrieval).items():
+            total, per = identification(pred, cand, true_index, subjects)
+            if name == "fmri2text":
+                total_m, per_m = primary["total"], primary["subjects"]
+            elif name in primary["controls"]:
+                total_m, per_m = primary["controls"][name], primary["controls_subjects"][name]
+            else:
+                continue
+            total_m.update(total)
+            for s, m in per.items():
+                per_m[s].update(m)
 
     return {
         "scorer": scorer.identity(),
@@ -267,8 +304,9 @@ def format_table(metrics: dict, section: str = "primary") -> str:
     """The paper's table (Tables 1–2): a row per subject and Total, control rows beside each.
 
     Columns: BERTScore-F1 | BLEU-1 | BLEU-2 | ROUGE-L F | P | R (all %), plus top-1 and
-    2-way identification when retrieval was scored. ``section`` 'vs_truth' tabulates the
-    scores against the true captions.
+    2-way identification when retrieval was scored, and the permutation p-values of
+    BERTScore-F1 and BLEU-1: within-subject on each subject's row, pooled on Total.
+    ``section`` 'vs_truth' tabulates the scores against the true captions.
     """
     from rich.console import Console
     from rich.table import Table
@@ -280,26 +318,31 @@ def format_table(metrics: dict, section: str = "primary") -> str:
     total = src.get("total", {})
     if "top1" in total:
         cols += [("top-1", "top1"), ("2-way", "twoway")]
+    p_cols = [("p F1", "bertscore_f1"), ("p BLEU-1", "bleu1")]
     table = Table(title=f"fMRI2Text vs {ref} (%, {metrics.get('n_test_trials', '?')} test trials)")
     table.add_column("Subject")
-    for title, _ in cols:
+    for title, _ in cols + p_cols:
         table.add_column(title, justify="right")
 
-    def add(label: str, m: dict, style: str | None = None) -> None:
-        table.add_row(label, *[f"{m[k]:.2f}" if k in m else "–" for _, k in cols], style=style)
+    def add(label: str, m: dict, p: dict | None = None, style: str | None = None) -> None:
+        p = p or {}
+        table.add_row(label, *[f"{m[k]:.2f}" if k in m else "–" for _, k in cols],
+                      *[f"{p[k]:.4f}" if k in p else "" for _, k in p_cols], style=style)
 
     ctl_sub = src.get("controls_subjects", {})
+    p_sub = src.get("permutation", {}).get("subjects", {})
     for s, m in src.get("subjects", {}).items():
-        add(s, m)
+        add(s, m, p_sub.get(s))
         for name in ctl_sub:
             add(f"  {name}", ctl_sub[name].get(s, {}), style="dim")
-    add("Total", total, style="bold")
+    p = src.get("p_values", {})
+    add("Total", total, p, style="bold")
     for name, m in src.get("controls", {}).items():
         add(f"  {name}", m, style="dim")
-    p = src.get("p_values", {})
     if p:
-        table.caption = "permutation p: " + ", ".join(f"{k} {v:.4g}" for k, v in p.items()
-                                                      if k in ("bertscore_f1", "bleu1", "rougeL_f"))
+        table.caption = ("permutation p (shuffled pairings; subject rows within subject, Total "
+                         "pooled): " + ", ".join(f"{k} {v:.4g}" for k, v in p.items()
+                                                 if k in ("bertscore_f1", "bleu1", "rougeL_f")))
     buf = io.StringIO()
     Console(file=buf, width=140, force_terminal=False, color_system=None).print(table)
     return buf.getvalue()

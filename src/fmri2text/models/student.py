@@ -1,10 +1,19 @@
-"""The fMRI student: tokenizer → SC-MBM encoder (+ adaptors) → projector → Z (B, L, d_llm).
+"""The fMRI student: tokenizer → SC-MBM encoder (+ adaptors) → projector → Z (B, L, d_llm),
+plus an optional linear path from the window's mean response straight into token space.
 
 The projector turns the encoder's 1+N tokens into exactly L tokens of the LLM width with L
 learned queries that cross-attend to the encoder tokens, so Z stands token by token where
 the teacher's video tokens X stood.
 
-Trainable in Stage I (paper): tokenizer, adaptors, projector; the encoder base is frozen.
+The linear path (MindEye2's shared-space linear layer, here across subjects) is ridge
+regression from the standardised mean response to the flattened teacher tokens, fitted in
+closed form on the training subjects (:meth:`LinearPath.load_ridge`) and stored factored
+through the leading principal directions of the training responses. The deep path is
+residual to it: its last layer starts at zero, so an untrained student *is* the ridge map
+and training can only start from there.
+
+Trainable in Stage I (paper): tokenizer, adaptors, projector (and the linear path's
+weights); the encoder base is frozen.
 """
 
 from __future__ import annotations
@@ -53,40 +62,99 @@ class Projector(nn.Module):
         return self.out(h)  # (B, L, d_llm)
 
 
+class LinearPath(nn.Module):
+    """Window (B, T, X', Y', Z') or (B, T, V) → (B, L, d_llm), linear in the mean response.
+
+    ``z = ((mean_t x)[index] − mean) / scale · basis · weight + bias``; ``basis`` (F, r) holds
+    fixed principal directions of the training responses, ``weight`` (r, L·d) and ``bias``
+    learn. Starts at zero until :meth:`load_ridge` sets the closed-form solution.
+
+    Parameters
+    ----------
+    index : (F,) positions of the brain's features in the flattened input volume.
+    rank : r, the number of principal directions kept.
+    n_tokens, dim : L and d of the output.
+    """
+
+    def __init__(self, index: torch.Tensor, rank: int, n_tokens: int, dim: int):
+        super().__init__()
+        n = int(index.numel())
+        self.n_tokens, self.dim = n_tokens, dim
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long).reshape(-1))
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("basis", torch.zeros(n, rank))
+        self.weight = nn.Parameter(torch.zeros(rank, n_tokens * dim))
+        self.bias = nn.Parameter(torch.zeros(n_tokens * dim))
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[1])
+
+    def components(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, …) → (B, r): the standardised mean response in the principal directions."""
+        v = x.float().mean(dim=1).flatten(1)[:, self.index]  # (B, F)
+        return ((v - self.mean) / self.scale) @ self.basis  # (B, r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.components(x)  # (B, r)
+        return (h @ self.weight.float() + self.bias.float()).view(-1, self.n_tokens, self.dim)
+
+    @torch.no_grad()
+    def load_ridge(self, ridge) -> None:
+        """Copy a fitted :class:`~fmri2text.evaluation.baselines.RidgeBaseline` (features =
+        the mean response over ``index``, targets = flattened tokens) into this path."""
+        if ridge.basis_.shape != tuple(self.basis.shape) or ridge.weight_.shape != tuple(self.weight.shape):
+            raise ValueError(f"ridge map {ridge.basis_.shape} x {ridge.weight_.shape} does not fit "
+                             f"the linear path {tuple(self.basis.shape)} x {tuple(self.weight.shape)}")
+        for name, value in (("mean", ridge.mean_), ("scale", ridge.scale_), ("basis", ridge.basis_),
+                            ("weight", ridge.weight_), ("bias", ridge.intercept_)):
+            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+
+
 class Student(nn.Module):
     """fMRI window (B, T, X, Y, Z) or (B, T, V) → Z (B, L, d_llm)."""
 
-    def __init__(self, tokenizer: Tokenizer, encoder: BrainEncoder, projector: Projector):
+    def __init__(self, tokenizer: Tokenizer, encoder: BrainEncoder, projector: Projector,
+                 linear: LinearPath | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.projector = projector
+        self.linear = linear
         self.adapted: list[str] = []
+        if linear is not None:  # the deep path is residual to the linear one: it starts at 0
+            nn.init.zeros_(projector.out.weight)
+            nn.init.zeros_(projector.out.bias)
 
     @classmethod
-    def from_mae(cls, mae: BrainMAE, d_llm: int, n_tokens: int, cfg: EncoderConfig | None = None
-                 ) -> "Student":
-        """Reuse a (pretrained) MBM model's tokenizer and encoder; its decoder is dropped."""
+    def from_mae(cls, mae: BrainMAE, d_llm: int, n_tokens: int, cfg: EncoderConfig | None = None,
+                 linear: tuple[torch.Tensor, int] | None = None) -> "Student":
+        """Reuse a (pretrained) MBM model's tokenizer and encoder; its decoder is dropped.
+
+        ``linear``: (feature index (F,), rank) of a :class:`LinearPath`, or None for none.
+        """
         cfg = cfg or EncoderConfig()
         proj = Projector(mae.spec.embed_dim, d_llm, n_tokens, cfg.projector_dim,
                          cfg.projector_heads)
-        return cls(mae.tokenizer, mae.encoder, proj)
+        path = None if linear is None else LinearPath(linear[0], linear[1], n_tokens, d_llm)
+        return cls(mae.tokenizer, mae.encoder, proj, path)
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig, input_shape: tuple[int, ...], d_llm: int,
-                    n_tokens: int) -> "Student":
+                    n_tokens: int, linear: tuple[torch.Tensor, int] | None = None) -> "Student":
         """A freshly initialised student (no MBM pretraining)."""
-        return cls.from_mae(BrainMAE(spec_from_config(cfg), input_shape), d_llm, n_tokens, cfg)
+        return cls.from_mae(BrainMAE(spec_from_config(cfg), input_shape), d_llm, n_tokens, cfg,
+                            linear)
 
     def add_adapters(self, rank: int = 8, scale: float = 1.0,
                      patterns: tuple[str, ...] = ENCODER_PATTERNS) -> list[str]:
-        """Inject adaptors into the encoder and freeze its base; tokenizer and projector
-        stay trainable. Returns the adapted module names."""
+        """Inject adaptors into the encoder and freeze its base; tokenizer, projector and
+        the linear path's weights stay trainable. Returns the adapted module names."""
         self.adapted = inject_adapters(self.encoder, patterns, rank, scale, freeze_base=True)
-        for p in self.tokenizer.parameters():
-            p.requires_grad_(True)
-        for p in self.projector.parameters():
-            p.requires_grad_(True)
+        for module in (self.tokenizer, self.projector, self.linear):
+            for p in module.parameters() if module is not None else ():
+                p.requires_grad_(True)
         return self.adapted
 
     def train(self, mode: bool = True) -> "Student":
@@ -102,8 +170,9 @@ class Student(nn.Module):
         return self.encoder(self.tokenizer(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, …) → Z (B, L, d_llm)."""
-        return self.projector(self.encode_tokens(x))
+        """(B, T, …) → Z (B, L, d_llm): deep path, plus the linear path when there is one."""
+        z = self.projector(self.encode_tokens(x))  # (B, L, d_llm)
+        return z if self.linear is None else z + self.linear(x).to(z.dtype)
 
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, L2-normalised Z (B, d_llm), e.g. for retrieval."""

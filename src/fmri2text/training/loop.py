@@ -74,7 +74,7 @@ def lr_at(step: int, s: LoopSettings) -> float:
 
 def resolve_mixed_precision(setting: str, section: str, llm_dtype: torch.dtype | None = None) -> str:
     """"bf16" or "no". ``auto``: bf16 when the LLM runs in bf16 (Stage II) or, without an LLM,
-    where bf16 is native (GPU, AVX-512/AMX CPUs; emulated bf16 on AVX2 is ~50x slower)."""
+    on a CUDA GPU (fp32 on every CPU: :func:`fmri2text.models.llm.preferred_dtype`)."""
     if setting not in MIXED_PRECISION:
         raise UserError(f"config value {section}.mixed_precision={setting!r} is not known",
                         fix="use one of " + ", ".join(MIXED_PRECISION))

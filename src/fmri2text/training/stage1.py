@@ -38,6 +38,7 @@ from fmri2text.training import loop
 
 Log = Callable[[str], None]
 STUDENT_FILE = "student.safetensors"
+CROSSFIT_FILE = "crossfit.safetensors"  # the linear path's cross-fitting offsets (Stage II reads them)
 
 
 # ----------------------------------------------------------------------------- student files
@@ -46,14 +47,37 @@ STUDENT_FILE = "student.safetensors"
 def save_student(student: Student, path: Path, *, spec: EncoderSpec, input_shape: tuple[int, ...],
                  d_llm: int, n_tokens: int, enc: EncoderConfig, extra: dict | None = None) -> None:
     """Write every student tensor plus what :func:`load_student` needs to rebuild it."""
+    linear = None if student.linear is None else [int(student.linear.index.numel()),
+                                                   student.linear.rank]
     meta = {"format": "fmri2text-student", "input_shape": json.dumps(list(input_shape)),
-            "d_llm": str(d_llm), "n_tokens": str(n_tokens),
+            "d_llm": str(d_llm), "n_tokens": str(n_tokens), "linear": json.dumps(linear),
             "spec": json.dumps(dataclasses.asdict(spec)),
             "encoder": json.dumps(dataclasses.asdict(enc)),
             "adapted": json.dumps(student.adapted), "extra": json.dumps(extra or {})}
     tensors = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+def save_crossfit(path: Path, offsets: torch.Tensor, rows: np.ndarray) -> None:
+    """Write the cross-fitting offsets (n, L, d) with the trial-table rows they belong to."""
+    with atomic_path(path) as tmp:
+        save_file({"offsets": offsets.contiguous(), "rows": torch.as_tensor(rows, dtype=torch.long)},
+                  str(tmp))
+
+
+def load_crossfit(path: Path, rows: np.ndarray) -> torch.Tensor | None:
+    """The offsets of trial-table ``rows`` from :func:`save_crossfit`'s file; None when the
+    file is absent (a student without a linear path)."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        return None
+    saved = load_file(str(path))
+    if not np.array_equal(saved["rows"].numpy(), np.asarray(rows)):
+        raise UserError("the Stage I cross-fitting offsets were computed for other training "
+                        "trials", path=path, fix="rerun fmri2text train stage1 on this data")
+    return saved["offsets"]
 
 
 def load_student(path: str | Path) -> tuple[Student, dict]:
@@ -74,10 +98,13 @@ def load_student(path: str | Path) -> tuple[Student, dict]:
         spec_d["tokenizer_channels"] = tuple(spec_d["tokenizer_channels"])
         input_shape = tuple(json.loads(meta["input_shape"]))
         d_llm, n_tokens = int(meta["d_llm"]), int(meta["n_tokens"])
+        linear = json.loads(meta.get("linear", "null"))
     except (KeyError, ValueError, TypeError, OSError) as err:
         raise UserError(f"not an fmri2text student file ({err})", path=path,
                         fix="pass the student.safetensors written by fmri2text train stage1") from None
-    student = Student.from_mae(BrainMAE(EncoderSpec(**spec_d), input_shape), d_llm, n_tokens, enc)
+    lin = None if linear is None else (torch.zeros(int(linear[0]), dtype=torch.long), int(linear[1]))
+    student = Student.from_mae(BrainMAE(EncoderSpec(**spec_d), input_shape), d_llm, n_tokens, enc,
+                               lin)
     student.add_adapters(enc.adapter_rank, enc.adapter_scale)
     load_state_checked(student, load_file(str(path)), path)
     info = {"input_shape": input_shape, "d_llm": d_llm, "n_tokens": n_tokens,
@@ -102,9 +129,10 @@ def mbm_path(run_dir: Path, setting: str) -> Path | None:
 
 
 def build_student(cfg: Config, input_shape: tuple[int, ...], d_llm: int, n_tokens: int,
-                  mbm: Path | None) -> tuple[Student, EncoderSpec]:
+                  mbm: Path | None, linear=None) -> tuple[Student, EncoderSpec]:
     """A student with adaptors (and its encoder spec); the encoder from the MBM checkpoint
-    when given."""
+    when given; with ``linear`` (a fitted :class:`RidgeBaseline` and the feature index),
+    the linear path starts at that closed-form map."""
     torch.manual_seed(cfg.stage1.seed)
     if mbm is not None:
         mae = load_mae(mbm)
@@ -114,12 +142,59 @@ def build_student(cfg: Config, input_shape: tuple[int, ...], d_llm: int, n_token
                             path=mbm, fix="rerun pretrain-mbm on this data, or set "
                                           "stage1.mbm_checkpoint='' to start from scratch")
         spec = mae.spec
-        student = Student.from_mae(mae, d_llm, n_tokens, cfg.encoder)
     else:
         spec = spec_from_config(cfg.encoder)
-        student = Student.from_mae(BrainMAE(spec, input_shape), d_llm, n_tokens, cfg.encoder)
+        mae = BrainMAE(spec, input_shape)
+    path = None if linear is None else (linear[1], int(linear[0].weight_.shape[0]))  # (index, r)
+    student = Student.from_mae(mae, d_llm, n_tokens, cfg.encoder, path)
+    if linear is not None:
+        student.linear.load_ridge(linear[0])
     student.add_adapters(cfg.encoder.adapter_rank, cfg.encoder.adapter_scale)
     return student, spec
+
+
+def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor):
+    """Closed-form ridge from the training trials' mean response to their flattened video
+    tokens (penalty chosen by cross-validation across training subjects), the feature
+    index of the student's input, and the cross-fitting offsets (:func:`crossfit_offsets`);
+    None when ``encoder.linear_rank`` is 0."""
+    from fmri2text.evaluation.baselines import RidgeBaseline
+
+    if cfg.encoder.linear_rank <= 0:
+        return None
+    feats = train.windows.data[train.rows].mean(axis=1)  # (n, F)
+    y = x_train.reshape(len(feats), -1).numpy()  # (n, L*d)
+    ridge = RidgeBaseline(cfg.baseline).fit(feats, ["."] * len(feats), Y=y, groups=train.subjects,
+                                            max_rank=cfg.encoder.linear_rank)
+    index = train.crop.index if train.crop is not None else torch.arange(feats.shape[1])
+    return ridge, index, crossfit_offsets(cfg, feats, y, train.subjects, ridge).view(x_train.shape)
+
+
+def crossfit_offsets(cfg: Config, feats: np.ndarray, y: np.ndarray, subjects: np.ndarray,
+                     ridge) -> torch.Tensor:
+    """(n, L*d): each training trial's leave-its-subject-out ridge prediction minus the
+    in-sample one.
+
+    The closed-form map fits its own training trials better than it will fit a new
+    subject's (demo data: token correlation 0.82 in-sample, 0.55 held-out), so the stages
+    that train on top of it add these offsets to the training trials' Z: the deep path and
+    the LLM bridge then learn from inputs as noisy as a held-out subject's (cross-fitting,
+    as in stacking). Zero with fewer than two training subjects.
+    """
+    from fmri2text.evaluation.baselines import RidgeBaseline
+
+    out = np.zeros_like(y, dtype=np.float32)
+    groups = np.unique(subjects)
+    if len(groups) < 2:
+        return torch.from_numpy(out)
+    full = ridge.predict_embeddings(feats)  # (n, L*d) in-sample
+    fixed = dataclasses.replace(cfg.baseline, alphas=[ridge.alpha_], cv_folds=1)
+    for g in groups:
+        held = subjects == g
+        fold = RidgeBaseline(fixed).fit(feats[~held], ["."] * int((~held).sum()), Y=y[~held],
+                                        max_rank=cfg.encoder.linear_rank)
+        out[held] = fold.predict_embeddings(feats[held]) - full[held]
+    return torch.from_numpy(out)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -197,9 +272,12 @@ class AlignModel(nn.Module):
         self.student = student
         self.loss = loss
 
-    def forward(self, fmri: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """fmri (B, T, X, Y, Z); x (B, L, d) → {clip, l2, l1, l2l1, total}."""
-        return self.loss(self.student(fmri), x)
+    def forward(self, fmri: torch.Tensor, x: torch.Tensor, offset: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """fmri (B, T, X, Y, Z); x (B, L, d); offset (B, L, d) cross-fitting offsets of the
+        linear path (:func:`crossfit_offsets`) or None → {clip, l2, l1, l2l1, total}."""
+        z = self.student(fmri)
+        return self.loss(z if offset is None else z + offset.to(z.dtype), x)
 
 
 def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: bool = False,
@@ -234,7 +312,12 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     test = TrialWindows(windows, split_rows(windows.trials, "test"))
     x_train = targets.tokens_of(train.clips)  # (n_train, L, d); raises if a clip is missing
     mbm = mbm_path(run_dir, s1.mbm_checkpoint)
-    student, spec = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, mbm)
+    linear = fit_linear_path(cfg, train, x_train)
+    student, spec = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, mbm,
+                                  linear)
+    offsets = None if linear is None else linear[2]  # (n_train, L, d)
+    if offsets is not None and main:
+        save_crossfit(stage_dir / CROSSFIT_FILE, offsets, train.rows)
     model = AlignModel(student, alignment_loss_from_config(cfg.loss))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"stage1: {len(train)} train trials, {len(test)} held-out test trials, input "
@@ -262,8 +345,9 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
         idx = sampler.batch(step)
         fmri = train.fmri(idx).to(accelerator.device)  # (B, T, X, Y, Z)
         x = x_train[idx].to(accelerator.device)  # (B, L, d)
+        off = None if offsets is None else offsets[idx].to(accelerator.device)
         with loop.autocast(accelerator, mp):
-            return wrapped(fmri, x)
+            return wrapped(fmri, x, off)
 
     result = loop.train_loop(accelerator=accelerator, module=model, optimizer=optimizer,
                              settings=settings, step_fn=step_fn, stage_dir=stage_dir,

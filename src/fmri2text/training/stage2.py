@@ -17,11 +17,13 @@ evaluate        : held-out CE on the held-out subjects' ``test`` trials (teacher
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from fmri2text.config import Config, dump_config, to_dict
@@ -33,16 +35,82 @@ from fmri2text.losses import StageTwoLoss, stage_two_loss_from_config
 from fmri2text.models import llm as llm_mod
 from fmri2text.models.student import Student
 from fmri2text.training import loop
-from fmri2text.training.stage1 import (STUDENT_FILE, load_eval_targets, load_student, load_targets,
-                                       pooled_z, save_student)
+from fmri2text.training.stage1 import (CROSSFIT_FILE, STUDENT_FILE, load_crossfit,
+                                       load_eval_targets, load_student, load_targets, pooled_z,
+                                       save_student)
 
 Log = Callable[[str], None]
 
+STUDENT = Path("stage2") / STUDENT_FILE
+#: config keys that must match between the Stage II run and the decoding config
+STAGE2_KEYS = ("data", "split", "loss", "stage2", "teacher.llm", "teacher.video_queries",
+               "teacher.system_prompt")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _pick(flat: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+
+
+def check_student(run: Path, cfg: Config) -> Path:
+    """Refuse a Stage II student trained with another config (naming the file and the keys).
+
+    Compares the encoder recorded in the student file and the Stage II run's
+    ``config.yaml`` (data, split, loss, stage2, the LLM) with ``cfg``.
+    """
+    from safetensors import safe_open
+
+    path = Path(run) / STUDENT
+    if not path.is_file():
+        raise UserError("no trained Stage II student in the run", path=path,
+                        fix="train it first: fmri2text train stage2 (or fmri2text run)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        saved = {"encoder": json.loads(meta["encoder"])}
+        n_tokens = int(meta["n_tokens"])
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to replace
+        raise UserError(f"not an fmri2text student file ({type(err).__name__}: {err})", path=path,
+                        fix="retrain it with fmri2text train stage2") from None
+    current = _flatten(to_dict(cfg))
+    diffs = [(k, v, current.get(k)) for k, v in _flatten(saved).items() if current.get(k) != v]
+    from fmri2text.models.teacher import resolve_preset
+
+    queries = resolve_preset(cfg.teacher).video_queries
+    if n_tokens != queries:
+        diffs.append(("teacher.video_queries", n_tokens, queries))
+    cfg_file = path.parent / "config.yaml"
+    if cfg_file.is_file():
+        try:
+            trained = _flatten(yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {})
+        except (OSError, yaml.YAMLError, AttributeError):
+            trained = {}
+        diffs += [(k, v, current.get(k)) for k, v in _pick(trained, STAGE2_KEYS).items()
+                  if current.get(k) != v and (k, v, current.get(k)) not in diffs]
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs[:4])
+        raise UserError(f"the student checkpoint was trained with another config ({shown}"
+                        f"{'; …' if len(diffs) > 4 else ''})", path=path,
+                        fix=f"decode with the config it was trained with (--config {cfg_file}), "
+                            "or retrain with this one (fmri2text run skips what is unchanged)")
+    return path
+
+
 
 def freeze_for_stage2(student: Student, train_tokenizer: bool = False) -> None:
-    """Freeze everything but the bridge: adaptors and projector (and optionally the tokenizer)."""
+    """Freeze everything but the bridge: adaptors, projector and the linear path's weights
+    (and optionally the tokenizer)."""
     for name, p in student.named_parameters():
-        p.requires_grad_(".adapter." in f".{name}" or name.startswith("projector."))
+        p.requires_grad_(".adapter." in f".{name}" or name.startswith(("projector.", "linear.")))
     for p in student.tokenizer.parameters():
         p.requires_grad_(train_tokenizer)
     student.train()  # a frozen tokenizer drops to eval mode (its standardiser statistics stay)
@@ -78,9 +146,13 @@ class BridgeModel(nn.Module):
 
     def forward(self, src_fmri: torch.Tensor, instructions: list[str], answers: list[str],
                 src_labels: torch.Tensor | None = None, tgt_fmri: torch.Tensor | None = None,
-                tgt_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms {ce, [source_ce, nc, es, da], total} of one step."""
+                tgt_index: torch.Tensor | None = None, src_offset: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Loss terms {ce, [source_ce, nc, es, da], total} of one step; ``src_offset``
+        (B, L, d): the linear path's cross-fitting offsets of the source trials."""
         z = self.student(src_fmri)  # (B, L, d)
+        if src_offset is not None:
+            z = z + src_offset.to(z.dtype)
         logits, labels = self.answer_logits(z, instructions, answers)
         if self.loss.dance is None:
             return self.loss(logits, labels)
@@ -168,6 +240,7 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
     src_instr, src_ans = targets.text_of(src.clips)  # raises when a clip is not annotated
 
     student, info = load_student(run_dir / "stage1" / STUDENT_FILE)
+    offsets = load_crossfit(run_dir / "stage1" / CROSSFIT_FILE, src.rows)  # (n_src, L, d) or None
     if tuple(info["input_shape"]) != tuple(src.input_shape):
         raise UserError(f"the Stage I student reads windows of shape {info['input_shape']}, the "
                         f"data gives {src.input_shape}", path=run_dir / "stage1" / STUDENT_FILE,
@@ -211,6 +284,8 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
             j = tgt_batches.batch(step)
             kw = {"src_labels": torch.as_tensor(src.classes[i], device=dev),
                   "tgt_fmri": adapt.fmri(j).to(dev), "tgt_index": torch.as_tensor(j, device=dev)}
+        if offsets is not None:
+            kw["src_offset"] = offsets[i].to(dev)
         with loop.autocast(accelerator, mp):
             return wrapped(src.fmri(i).to(dev), [src_instr[k] for k in i], [src_ans[k] for k in i], **kw)
 
