@@ -90,6 +90,9 @@ class SplitConfig:
     seed: int = 0
     test_stim_pattern: str = ""  # regex on stim_file: only matching groups may be test (BMD: ^test/)
     overlap: str = "adapt"  # held-out group a training subject saw: adapt (never test) | drop
+    # of each training subject's stimulus groups, kept out of Stage I/II fitting to choose
+    # their stopping step (validation loss); the held-out subjects are never used for it
+    val_fraction: float = 0.1
 
 
 @dataclass
@@ -252,6 +255,7 @@ class Stage1Config:
     # '' none: at demo scale MBM init made the decoder worse (BENCHMARKS); auto: RUN/mbm/mbm.safetensors
     # or RUN/mbm.safetensors (fmri2text run then runs pretrain-mbm); or a file
     mbm_checkpoint: str = ""
+    val_every: int = 25  # steps between validation passes (best step kept); 0 = keep the last
     annotations: str = "annotations"  # folder of the teacher's annotations, relative to RUN
     eval_batch_size: int = 32
     seed: int = 0
@@ -273,8 +277,12 @@ class Stage2Config:
     log_every: int = 5
     mixed_precision: str = "auto"  # auto follows the LLM dtype (bf16 on a CUDA GPU only) | bf16 | no
     train_tokenizer: bool = False  # DESIGN: only the bridge (adaptors + projector) and g train
+    # the linear path's weights learn in Stage II too (false: its closed-form map stays, the
+    # deep path learns the residual through the LLM)
+    train_linear: bool = False
     compare_da: bool = False  # also train the other DA setting (same seed) for the with/without table
     eval_max_trials: int = 64  # held-out test trials (evenly spaced) for the CE; 0 = all
+    val_every: int = 20  # steps between validation CE passes (best step kept); 0 = keep the last
     seed: int = 0
 
 

@@ -80,3 +80,22 @@ def test_check_leakage_reports_stim_and_group():
     leaked.loc[k, "group"] = leaked.loc[i, "group"]
     with pytest.raises(UserError, match="test group"):
         check_leakage(leaked)
+
+
+def test_validation_rows_take_whole_groups_of_every_training_subject():
+    import numpy as np
+
+    from fmri2text.data.splits import validation_rows
+
+    t = assign_splits(_trials(), SplitConfig(n_heldout=2, adapt_fraction=0.5, seed=3))
+    train = np.flatnonzero((t["split"] == "train").to_numpy())
+    fit, val = validation_rows(t, train, 0.2, seed=1)
+    assert sorted(np.r_[fit, val]) == sorted(train) and not set(fit) & set(val)
+    assert not set(t["group"].iloc[fit]) & set(t["group"].iloc[val])  # whole groups only
+    assert t.iloc[val].groupby("subject")["group"].nunique().to_dict() == {"01": 2, "02": 2}
+    again = validation_rows(t, train, 0.2, seed=1)
+    assert np.array_equal(again[0], fit) and np.array_equal(again[1], val)
+    all_fit, none = validation_rows(t, train, 0.0)
+    assert np.array_equal(all_fit, train) and len(none) == 0
+    with pytest.raises(UserError, match="val_fraction"):
+        validation_rows(t, train, 1.0)

@@ -49,6 +49,14 @@ def test_stage1_beats_chance_and_untrained_and_writes_its_files(tmp_path, experi
     saved = load_file(str(stage / "student.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())
     assert info["input_shape"] == (2, 8, 8, 6)
+    # the kept weights are those of the best validation step (training subjects' held-back
+    # stimulus groups), scored before training and every val_every steps
+    val = m["validation"]
+    assert m["n_val_trials"] > 0 and [s for s, _ in val["scores"]] == [0, 25, 50, 60]
+    assert val["best_score"] == min(v for _, v in val["scores"])
+    best = load_file(str(stage / "best.safetensors"))
+    assert all(torch.equal(saved[f"{k[len('student.'):]}"], v) for k, v in best.items()
+               if k.startswith("student."))
 
 
 def test_linear_path_starts_at_the_closed_form_ridge(experiment):

@@ -130,3 +130,33 @@ def check_leakage(trials: pd.DataFrame) -> None:
                 f"{leaked[0]!r} in a {where['split'].iat[0]} row of sub-{where['subject'].iat[0]}",
                 fix="re-split by stimulus group (assign_splits) and keep test clips out of "
                     "every training step, teacher pretraining included")
+
+
+def validation_rows(trials: pd.DataFrame, rows: np.ndarray, fraction: float, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Split training rows into (fit, validation) by stimulus group, within each subject.
+
+    ``fraction`` of each training subject's stimulus groups (at least one when the subject
+    has two or more) go to validation, so no clip of a validation trial is fitted on.
+    The recipes choose their stopping step on the validation rows; the held-out subjects are
+    never involved. ``fraction`` 0 returns all rows and none.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if not 0 <= fraction < 1:
+        raise UserError(f"split.val_fraction={fraction} is out of range",
+                        fix="use 0 (no validation split) or a fraction below 1, e.g. 0.1")
+    if fraction == 0 or len(rows) == 0:
+        return rows, rows[:0]
+    rng = np.random.default_rng(seed)
+    subjects = trials["subject"].astype(str).to_numpy()[rows]
+    key = "group" if "group" in trials.columns else "stim_file"  # a clip is its own group
+    groups = trials[key].astype(str).to_numpy()[rows]
+    val = np.zeros(len(rows), bool)
+    for s in sorted(set(subjects)):
+        own = sorted(set(groups[subjects == s]))
+        if len(own) < 2:
+            continue
+        n = max(1, int(round(fraction * len(own))))
+        chosen = {own[i] for i in rng.permutation(len(own))[:n]}
+        val |= (subjects == s) & np.isin(groups, list(chosen))
+    return rows[~val], rows[val]

@@ -8,7 +8,10 @@ steps and on SIGTERM/SIGINT (flag all-reduced so every rank stops at the same st
 ``log.jsonl`` rows of every loss term, TensorBoard scalars and a rich progress bar.
 
 The recipe supplies ``step_fn(step) -> {"total": loss, term: value, …}`` (forward through the
-accelerate-prepared module) and optionally ``after_step(step)`` (e.g. DANCE's memory bank).
+accelerate-prepared module) and optionally ``after_step(step)`` (e.g. DANCE's memory bank)
+and ``validate() -> float`` (lower is better): then the weights are scored before training
+and every ``val_every`` steps, the best are kept in ``best.safetensors`` (so a resumed run
+chooses as an uninterrupted one) and restored at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class LoopSettings:
     checkpoint_every: int
     keep_last: int
     log_every: int
+    val_every: int = 0
 
     @classmethod
     def from_config(cls, stage_cfg, section: str) -> "LoopSettings":
@@ -56,7 +60,8 @@ class LoopSettings:
                   (s.grad_clip >= 0, "grad_clip", "zero (off) or positive"),
                   (s.checkpoint_every >= 1, "checkpoint_every", "at least 1"),
                   (s.keep_last >= 1, "keep_last", "at least 1"),
-                  (s.log_every >= 1, "log_every", "at least 1")]
+                  (s.log_every >= 1, "log_every", "at least 1"),
+                  (s.val_every >= 0, "val_every", "zero (off) or positive")]
         for ok, key, allowed in checks:
             if not ok:
                 raise UserError(f"config value {section}.{key}={getattr(s, key)!r} is out of range",
@@ -183,7 +188,8 @@ class _Feedback:
 def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimizer,
                settings: LoopSettings, step_fn: Callable[[int], dict[str, torch.Tensor]],
                stage_dir: Path, config: dict, resume: bool, log: Log, name: str,
-               after_step: Callable[[int], None] | None = None, progress: bool = True) -> dict:
+               after_step: Callable[[int], None] | None = None, progress: bool = True,
+               validate: Callable[[], float] | None = None) -> dict:
     """Run steps ``start..settings.steps-1`` of a recipe; return a summary.
 
     Parameters
@@ -197,7 +203,8 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
     Returns
     -------
     {"start_step", "steps_done", "stopped" (signal name or None), "seconds", "log": rows,
-     "rank_digests": weights digest of every rank, "weights_synchronised": bool}
+     "rank_digests": weights digest of every rank, "weights_synchronised": bool,
+     "validation": {"scores": [[step, score], …], "best_step"} or None}
     """
     main = accelerator.is_main_process
     start = 0
@@ -217,6 +224,8 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
     stopped = None
     t0 = time.perf_counter()
     step = start
+    selector = _BestStep(stage_dir, module, validate, settings.val_every, resume, main, log, name)
+    selector.check(start, force=not resume)
     try:
         with GracefulStop() as stop:
             for step in range(start, settings.steps):
@@ -248,6 +257,7 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
                 done = step + 1
                 if main and (write or stop_now):
                     write_jsonl(log_path, rows)
+                selector.check(done, force=done == settings.steps)
                 if done % settings.checkpoint_every == 0 or stop_now:
                     if main:
                         save_checkpoint(stage_dir, done, model_state=trainable_state_dict(module),
@@ -263,6 +273,8 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
         feedback.close()
     if main:
         write_jsonl(log_path, rows)
+    if stopped is None:
+        selector.restore_best()
     if accelerator.num_processes > 1:
         # batch statistics (the token standardiser's) follow each rank's own batches after
         # DDP's last buffer broadcast: take rank 0's, as the checkpoints do
@@ -273,4 +285,61 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
     return {"start_step": start, "steps_done": (step + 1) if settings.steps > start else start,
             "stopped": stopped, "seconds": round(time.perf_counter() - t0, 2), "log": rows,
             "rank_digests": list(digests), "weights_synchronised": len(set(digests)) == 1,
-            "num_processes": accelerator.num_processes}
+            "num_processes": accelerator.num_processes, "validation": selector.summary()}
+
+
+class _BestStep:
+    """Validation-based choice of the step to keep (see the module docstring).
+
+    Every rank validates the same weights on the same rows, so every rank keeps the same
+    step; rank 0 writes ``best.safetensors`` / ``best.json``, which a resumed run reads back.
+    """
+
+    def __init__(self, stage_dir: Path, module: nn.Module, validate, every: int, resume: bool,
+                 main: bool, log: Log, name: str):
+        self.validate, self.every, self.module, self.main, self.log, self.name = (
+            validate if every > 0 else None, every, module, main, log, name)
+        self.file, self.record = Path(stage_dir) / "best.safetensors", Path(stage_dir) / "best.json"
+        self.scores: list[list[float]] = []
+        self.best: tuple[float, int] | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+        if self.validate is not None and resume and self.record.is_file():
+            from safetensors.torch import load_file
+
+            saved = json.loads(self.record.read_text(encoding="utf-8"))
+            self.scores, self.best = saved["scores"], (saved["best_score"], saved["best_step"])
+            self.state = load_file(str(self.file))
+
+    def check(self, step: int, force: bool = False) -> None:
+        if self.validate is None or not (force or step % self.every == 0):
+            return
+        if self.scores and self.scores[-1][0] == step:
+            return
+        score = float(self.validate())
+        self.scores.append([step, score])
+        if self.best is None or score < self.best[0]:
+            self.best = (score, step)
+            self.state = {k: v.detach().clone() for k, v in trainable_state_dict(self.module).items()}
+            if self.main:
+                from safetensors.torch import save_file
+
+                from fmri2text.io import atomic_path
+
+                with atomic_path(self.file) as tmp:
+                    save_file({k: v.contiguous() for k, v in self.state.items()}, str(tmp))
+        if self.main:
+            from fmri2text.io import write_json
+
+            write_json(self.record, {"scores": self.scores, "best_score": self.best[0],
+                                     "best_step": self.best[1]})
+        self.log(f"{self.name}: validation {score:.4f} at step {step} (best {self.best[0]:.4f} "
+                 f"at step {self.best[1]})")
+
+    def restore_best(self) -> None:
+        if self.state is not None:
+            self.module.load_state_dict(self.state, strict=False)
+
+    def summary(self) -> dict | None:
+        if self.best is None:
+            return None
+        return {"scores": self.scores, "best_step": self.best[1], "best_score": self.best[0]}

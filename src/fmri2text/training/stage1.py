@@ -28,6 +28,7 @@ from torch import nn
 from fmri2text.config import Config, EncoderConfig, dump_config, to_dict
 from fmri2text.data.datasets import (ClipTargets, FmriWindows, ResumableBatchSampler, TrialWindows,
                                      load_windows, split_rows)
+from fmri2text.data.splits import validation_rows
 from fmri2text.errors import UserError
 from fmri2text.io import atomic_path, ensure_output_dir, write_json, write_text
 from fmri2text.losses import AlignmentLoss, alignment_loss_from_config
@@ -308,7 +309,10 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     mp = loop.resolve_mixed_precision(s1.mixed_precision, "stage1")
 
     targets = targets if targets is not None else load_targets(run_dir, s1.annotations)
-    train = TrialWindows(windows, split_rows(windows.trials, "train"))
+    fit_rows, val_rows = validation_rows(windows.trials, split_rows(windows.trials, "train"),
+                                         cfg.split.val_fraction, cfg.split.seed)
+    train = TrialWindows(windows, fit_rows)
+    val = TrialWindows(windows, val_rows)
     test = TrialWindows(windows, split_rows(windows.trials, "test"))
     x_train = targets.tokens_of(train.clips)  # (n_train, L, d); raises if a clip is missing
     mbm = mbm_path(run_dir, s1.mbm_checkpoint)
@@ -320,7 +324,7 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
         save_crossfit(stage_dir / CROSSFIT_FILE, offsets, train.rows)
     model = AlignModel(student, alignment_loss_from_config(cfg.loss))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"stage1: {len(train)} train trials, {len(test)} held-out test trials, input "
+    log(f"stage1: {len(train)} train trials ({len(val)} more to validate), {len(test)} held-out test trials, input "
         f"{train.input_shape}, L={targets.n_tokens}, d={targets.d_llm}, {n_trainable:,} trainable "
         f"parameters, MBM init {mbm or 'none'}, {accelerator.num_processes} process(es), "
         f"mixed precision {mp}")
@@ -349,10 +353,23 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
         with loop.autocast(accelerator, mp):
             return wrapped(fmri, x, off)
 
+    x_val = targets.tokens_of(val.clips) if len(val) else None  # (n_val, L, d)
+
+    @torch.no_grad()
+    def validate() -> float:
+        """Stage I's loss on the validation trials (their clips never fitted on)."""
+        model.eval()
+        total, pos = 0.0, np.arange(len(val))
+        for s in range(0, len(val), s1.eval_batch_size):
+            b = pos[s:s + s1.eval_batch_size]
+            total += float(model(val.fmri(b), x_val[b])["total"]) * len(b)
+        model.train()
+        return total / len(val)
+
     result = loop.train_loop(accelerator=accelerator, module=model, optimizer=optimizer,
                              settings=settings, step_fn=step_fn, stage_dir=stage_dir,
                              config=to_dict(cfg), resume=resume, log=log, name="stage1",
-                             progress=progress)
+                             progress=progress, validate=validate if len(val) >= 2 else None)
     metrics = {"stage": "stage1", "completed": result["stopped"] is None,
                "steps": settings.steps, "steps_done": result["steps_done"],
                "resumed_from": result["start_step"], "seconds": result["seconds"],
@@ -365,7 +382,8 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
                "n_train_trials": len(train), "n_test_trials": len(test),
                "loss": {k: v for k, v in result["log"][-1].items() if k != "step"}
                if result["log"] else None,
-               "loss_config": dataclasses.asdict(cfg.loss), "retrieval_before": before}
+               "loss_config": dataclasses.asdict(cfg.loss), "retrieval_before": before,
+               "n_val_trials": len(val), "validation": result["validation"]}
     if result["stopped"] is not None:
         return metrics
     if main:

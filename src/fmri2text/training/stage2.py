@@ -29,6 +29,7 @@ from torch import nn
 from fmri2text.config import Config, dump_config, to_dict
 from fmri2text.data.datasets import (ClipTargets, FmriWindows, ResumableBatchSampler, TrialWindows,
                                      class_codes, load_windows, split_rows)
+from fmri2text.data.splits import validation_rows
 from fmri2text.errors import UserError
 from fmri2text.io import ensure_output_dir, write_json, write_text
 from fmri2text.losses import StageTwoLoss, stage_two_loss_from_config
@@ -106,11 +107,13 @@ def check_student(run: Path, cfg: Config) -> Path:
 
 
 
-def freeze_for_stage2(student: Student, train_tokenizer: bool = False) -> None:
-    """Freeze everything but the bridge: adaptors, projector and the linear path's weights
-    (and optionally the tokenizer)."""
+def freeze_for_stage2(student: Student, train_tokenizer: bool = False,
+                      train_linear: bool = False) -> None:
+    """Freeze everything but the bridge: adaptors and projector (optionally the linear
+    path's weights and the tokenizer)."""
+    bridge = ("projector.", "linear.") if train_linear else ("projector.",)
     for name, p in student.named_parameters():
-        p.requires_grad_(".adapter." in f".{name}" or name.startswith(("projector.", "linear.")))
+        p.requires_grad_(".adapter." in f".{name}" or name.startswith(bridge))
     for p in student.tokenizer.parameters():
         p.requires_grad_(train_tokenizer)
     student.train()  # a frozen tokenizer drops to eval mode (its standardiser statistics stay)
@@ -224,8 +227,11 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
     mp = loop.resolve_mixed_precision(s2.mixed_precision, "stage2",
                                       llm.get_input_embeddings().weight.dtype)
     trials = windows.trials
-    codes = class_codes(trials, split_rows(trials, "train"))
-    src = TrialWindows(windows, split_rows(trials, "train"), codes)
+    fit_rows, val_rows = validation_rows(trials, split_rows(trials, "train"),
+                                         cfg.split.val_fraction, cfg.split.seed)
+    codes = class_codes(trials, fit_rows)
+    src = TrialWindows(windows, fit_rows, codes)
+    val = TrialWindows(windows, val_rows)
     adapt = TrialWindows(windows, split_rows(trials, "adapt"))
     test = TrialWindows(windows, split_rows(trials, "test"))
     da = cfg.loss.domain_adaptation
@@ -250,7 +256,7 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
                         f"{llm.get_input_embeddings().weight.shape[1]} wide",
                         path=run_dir / "stage1" / STUDENT_FILE,
                         fix="use the LLM of the teacher that produced the Stage I targets")
-    freeze_for_stage2(student, s2.train_tokenizer)
+    freeze_for_stage2(student, s2.train_tokenizer, s2.train_linear)
     torch.manual_seed(s2.seed)
     loss = stage_two_loss_from_config(cfg.loss, dim=info["d_llm"], n_classes=max(len(codes), 2),
                                       n_target=max(len(adapt), 1))
@@ -299,14 +305,17 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
     result = loop.train_loop(accelerator=accelerator, module=model, optimizer=optimizer,
                              settings=settings, step_fn=step_fn, after_step=after_step,
                              stage_dir=stage_dir, config=to_dict(cfg), resume=resume, log=log,
-                             name=f"stage2[{name}]", progress=progress)
+                             name=f"stage2[{name}]", progress=progress,
+                             validate=(lambda: heldout_ce(model, val, targets, eval_bs))
+                             if len(val) >= 2 else None)
     metrics = {"variant": name, "domain_adaptation": da, "completed": result["stopped"] is None,
                "steps_done": result["steps_done"], "resumed_from": result["start_step"],
                "seconds": result["seconds"], "mixed_precision": mp,
                "num_processes": result["num_processes"],
                "weights_synchronised": result["weights_synchronised"],
                "loss": {k: v for k, v in result["log"][-1].items() if k != "step"}
-               if result["log"] else None, "heldout_ce_before": before}
+               if result["log"] else None, "heldout_ce_before": before,
+               "n_val_trials": len(val), "validation": result["validation"]}
     if result["stopped"] is not None or not main:
         return metrics
     if test_ok:
