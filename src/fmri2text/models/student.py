@@ -65,9 +65,13 @@ class Projector(nn.Module):
 class LinearPath(nn.Module):
     """Window (B, T, X', Y', Z') or (B, T, V) → (B, L, d_llm), linear in the mean response.
 
-    ``z = ((mean_t x)[index] − mean) / scale · basis · weight + bias``; ``basis`` (F, r) holds
-    fixed principal directions of the training responses, ``weight`` (r, L·d) and ``bias``
-    learn. Starts at zero until :meth:`load_ridge` sets the closed-form solution.
+    ``z = gain · ((mean_t x)[index] − mean) / scale · basis · weight + bias``; ``basis`` (F, r)
+    holds fixed principal directions of the training responses, ``weight`` (r, L·d) and
+    ``bias`` learn. Starts at zero until :meth:`load_ridge` sets the closed-form solution.
+    ``gain`` (a buffer, 1 for the plain ridge map) scales the predicted deviation from the
+    mean token: ridge shrinks its predictions toward the mean (held-out correlation ~0.55),
+    and the frozen LLM reads a shrunk token as the "average clip"; Stage II chooses it on
+    validation CE, as latent-to-image decoders rescale predicted latents.
 
     Parameters
     ----------
@@ -84,6 +88,7 @@ class LinearPath(nn.Module):
         self.register_buffer("mean", torch.zeros(n))
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("basis", torch.zeros(n, rank))
+        self.register_buffer("gain", torch.ones(()))
         self.weight = nn.Parameter(torch.zeros(rank, n_tokens * dim))
         self.bias = nn.Parameter(torch.zeros(n_tokens * dim))
 
@@ -98,7 +103,8 @@ class LinearPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.components(x)  # (B, r)
-        return (h @ self.weight.float() + self.bias.float()).view(-1, self.n_tokens, self.dim)
+        z = self.gain * (h @ self.weight.float()) + self.bias.float()  # (B, L*d)
+        return z.view(-1, self.n_tokens, self.dim)
 
     @torch.no_grad()
     def load_ridge(self, ridge) -> None:

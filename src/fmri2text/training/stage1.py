@@ -68,17 +68,20 @@ def save_crossfit(path: Path, offsets: torch.Tensor, rows: np.ndarray) -> None:
 
 
 def load_crossfit(path: Path, rows: np.ndarray) -> torch.Tensor | None:
-    """The offsets of trial-table ``rows`` from :func:`save_crossfit`'s file; None when the
-    file is absent (a student without a linear path)."""
+    """The offsets (len(rows), L, d) of trial-table ``rows`` from :func:`save_crossfit`'s
+    file; None when the file is absent (a student without a linear path)."""
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         return None
     saved = load_file(str(path))
-    if not np.array_equal(saved["rows"].numpy(), np.asarray(rows)):
-        raise UserError("the Stage I cross-fitting offsets were computed for other training "
-                        "trials", path=path, fix="rerun fmri2text train stage1 on this data")
-    return saved["offsets"]
+    where = {int(r): i for i, r in enumerate(saved["rows"].tolist())}
+    missing = [int(r) for r in rows if int(r) not in where]
+    if missing:
+        raise UserError(f"the Stage I cross-fitting offsets have no row for {len(missing)} "
+                        "training trial(s)", path=path,
+                        fix="rerun fmri2text train stage1 on this data and split")
+    return saved["offsets"][torch.as_tensor([where[int(r)] for r in rows], dtype=torch.long)]
 
 
 def load_student(path: str | Path) -> tuple[Student, dict]:
@@ -154,11 +157,13 @@ def build_student(cfg: Config, input_shape: tuple[int, ...], d_llm: int, n_token
     return student, spec
 
 
-def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor):
+def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor,
+                    val: TrialWindows | None = None):
     """Closed-form ridge from the training trials' mean response to their flattened video
     tokens (penalty chosen by cross-validation across training subjects), the feature
-    index of the student's input, and the cross-fitting offsets (:func:`crossfit_offsets`);
-    None when ``encoder.linear_rank`` is 0."""
+    index of the student's input, and the cross-fitting offsets (:func:`crossfit_offsets`)
+    of the training trials followed by those of ``val``; None when ``encoder.linear_rank``
+    is 0."""
     from fmri2text.evaluation.baselines import RidgeBaseline
 
     if cfg.encoder.linear_rank <= 0:
@@ -168,33 +173,41 @@ def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor):
     ridge = RidgeBaseline(cfg.baseline).fit(feats, ["."] * len(feats), Y=y, groups=train.subjects,
                                             max_rank=cfg.encoder.linear_rank)
     index = train.crop.index if train.crop is not None else torch.arange(feats.shape[1])
-    return ridge, index, crossfit_offsets(cfg, feats, y, train.subjects, ridge).view(x_train.shape)
+    rows = [train]
+    if val is not None and len(val):
+        rows.append(val)
+    all_feats = np.concatenate([d.windows.data[d.rows].mean(axis=1) for d in rows])
+    all_subjects = np.concatenate([d.subjects for d in rows])
+    offsets = crossfit_offsets(cfg, feats, y, train.subjects, ridge, all_feats, all_subjects)
+    return ridge, index, offsets.view(len(all_feats), *x_train.shape[1:])
 
 
 def crossfit_offsets(cfg: Config, feats: np.ndarray, y: np.ndarray, subjects: np.ndarray,
-                     ridge) -> torch.Tensor:
-    """(n, L*d): each training trial's leave-its-subject-out ridge prediction minus the
-    in-sample one.
+                     ridge, query: np.ndarray, query_subjects: np.ndarray) -> torch.Tensor:
+    """(m, L*d): each query trial's prediction by the map fitted without its subject, minus
+    its prediction by ``ridge`` (fitted on every training trial ``feats``/``y``).
 
     The closed-form map fits its own training trials better than it will fit a new
     subject's (demo data: token correlation 0.82 in-sample, 0.55 held-out), so the stages
-    that train on top of it add these offsets to the training trials' Z: the deep path and
-    the LLM bridge then learn from inputs as noisy as a held-out subject's (cross-fitting,
-    as in stacking). Zero with fewer than two training subjects.
+    that train on top of it add these offsets to the training (and validation) trials' Z:
+    the deep path and the LLM bridge then learn, and are validated, on inputs as noisy as a
+    held-out subject's (cross-fitting, as in stacking). Zero with fewer than two training
+    subjects.
     """
     from fmri2text.evaluation.baselines import RidgeBaseline
 
-    out = np.zeros_like(y, dtype=np.float32)
+    out = np.zeros((len(query), y.shape[1]), dtype=np.float32)
     groups = np.unique(subjects)
     if len(groups) < 2:
         return torch.from_numpy(out)
-    full = ridge.predict_embeddings(feats)  # (n, L*d) in-sample
     fixed = dataclasses.replace(cfg.baseline, alphas=[ridge.alpha_], cv_folds=1)
     for g in groups:
-        held = subjects == g
+        held, asked = subjects == g, query_subjects == g
+        if not asked.any():
+            continue
         fold = RidgeBaseline(fixed).fit(feats[~held], ["."] * int((~held).sum()), Y=y[~held],
                                         max_rank=cfg.encoder.linear_rank)
-        out[held] = fold.predict_embeddings(feats[held]) - full[held]
+        out[asked] = fold.predict_embeddings(query[asked]) - ridge.predict_embeddings(query[asked])
     return torch.from_numpy(out)
 
 
@@ -316,12 +329,14 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     test = TrialWindows(windows, split_rows(windows.trials, "test"))
     x_train = targets.tokens_of(train.clips)  # (n_train, L, d); raises if a clip is missing
     mbm = mbm_path(run_dir, s1.mbm_checkpoint)
-    linear = fit_linear_path(cfg, train, x_train)
+    linear = fit_linear_path(cfg, train, x_train, val)
     student, spec = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, mbm,
                                   linear)
-    offsets = None if linear is None else linear[2]  # (n_train, L, d)
-    if offsets is not None and main:
-        save_crossfit(stage_dir / CROSSFIT_FILE, offsets, train.rows)
+    offsets = val_offsets = None
+    if linear is not None:  # (n_train + n_val, L, d): training trials first
+        offsets, val_offsets = linear[2][:len(train)], linear[2][len(train):]
+        if main:
+            save_crossfit(stage_dir / CROSSFIT_FILE, linear[2], np.r_[train.rows, val.rows])
     model = AlignModel(student, alignment_loss_from_config(cfg.loss))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"stage1: {len(train)} train trials ({len(val)} more to validate), {len(test)} held-out test trials, input "
@@ -362,7 +377,8 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
         total, pos = 0.0, np.arange(len(val))
         for s in range(0, len(val), s1.eval_batch_size):
             b = pos[s:s + s1.eval_batch_size]
-            total += float(model(val.fmri(b), x_val[b])["total"]) * len(b)
+            off = None if val_offsets is None else val_offsets[b]
+            total += float(model(val.fmri(b), x_val[b], off)["total"]) * len(b)
         model.train()
         return total / len(val)
 

@@ -166,11 +166,12 @@ class BridgeModel(nn.Module):
 
 @torch.no_grad()
 def heldout_ce(model: BridgeModel, data: TrialWindows, targets: ClipTargets, batch_size: int,
-               max_trials: int = 0) -> float:
+               max_trials: int = 0, offsets: torch.Tensor | None = None) -> float:
     """Mean answer-token CE of the teacher's answers on ``data`` given its fMRI (evaluation).
 
     ``max_trials`` > 0: that many trials, evenly spaced over ``data`` (whose trials are in
-    subject order, so every subject is in); 0: all.
+    subject order, so every subject is in); 0: all. ``offsets`` (len(data), L, d): the
+    linear path's cross-fitting offsets (validation trials), or None (held-out subjects).
     """
     model.student.eval()
     n = len(data) if max_trials <= 0 else min(max_trials, len(data))
@@ -179,13 +180,38 @@ def heldout_ce(model: BridgeModel, data: TrialWindows, targets: ClipTargets, bat
     for s in range(0, len(chosen), batch_size):
         pos = chosen[s:s + batch_size]
         instr, ans = targets.text_of(data.clips[pos])
-        logits, labels = model.answer_logits(model.student(data.fmri(pos)), instr, ans)
+        z = model.student(data.fmri(pos))
+        if offsets is not None:
+            z = z + offsets[pos].to(z.dtype)
+        logits, labels = model.answer_logits(z, instr, ans)
         lab = labels[:, 1:]
         keep = lab != -100
         ce = nn.functional.cross_entropy(logits[:, :-1][keep].float(), lab[keep], reduction="sum")
         total, count = total + float(ce), count + int(keep.sum())
     model.student.train()
     return total / max(count, 1)
+
+
+def choose_gain(model: BridgeModel, val: TrialWindows, targets: ClipTargets, batch_size: int,
+                offsets: torch.Tensor | None, gains: list[float], log: Log) -> dict | None:
+    """Set the linear path's gain to the candidate with the lowest validation CE (each
+    validation trial's Z cross-fitted as a held-out subject's would be); return the CE of
+    every candidate and the choice, or None without a linear path or validation trials."""
+    path = model.student.linear
+    if path is None or len(val) < 2 or not gains:
+        return None
+    if min(gains) <= 0:
+        raise UserError(f"stage2.linear_gains={gains} must be positive",
+                        fix="e.g. stage2.linear_gains=[1.0,1.25,1.5,1.75,2.0]")
+    ces = {}
+    for g in gains:
+        path.gain.fill_(float(g))
+        ces[float(g)] = heldout_ce(model, val, targets, batch_size, offsets=offsets)
+    best = min(ces, key=ces.get)
+    path.gain.fill_(best)
+    log(f"stage2: linear path gain {best} (validation CE " + ", ".join(
+        f"{g}: {c:.3f}" for g, c in ces.items()) + ")")
+    return {"validation_ce": ces, "chosen": best}
 
 
 def feature_statistics(source: torch.Tensor, source_labels: np.ndarray, target: torch.Tensor,
@@ -247,6 +273,7 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
 
     student, info = load_student(run_dir / "stage1" / STUDENT_FILE)
     offsets = load_crossfit(run_dir / "stage1" / CROSSFIT_FILE, src.rows)  # (n_src, L, d) or None
+    val_offsets = load_crossfit(run_dir / "stage1" / CROSSFIT_FILE, val.rows)
     if tuple(info["input_shape"]) != tuple(src.input_shape):
         raise UserError(f"the Stage I student reads windows of shape {info['input_shape']}, the "
                         f"data gives {src.input_shape}", path=run_dir / "stage1" / STUDENT_FILE,
@@ -264,6 +291,8 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
     eval_targets = load_eval_targets(run_dir, targets)  # test clips: scored, never trained on
     test_ok = len(test) > 0 and not eval_targets.missing(test.clips)
     eval_bs = cfg.stage1.eval_batch_size
+    gains = choose_gain(model, val, targets, eval_bs, val_offsets, s2.linear_gains, log) \
+        if not resume else None
     before = heldout_ce(model, test, eval_targets, eval_bs, s2.eval_max_trials) if test_ok and main else None
     if da and not resume:  # DANCE: the memory bank starts from the target features
         feats = pooled_z(student, adapt, eval_bs)
@@ -306,7 +335,8 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
                              settings=settings, step_fn=step_fn, after_step=after_step,
                              stage_dir=stage_dir, config=to_dict(cfg), resume=resume, log=log,
                              name=f"stage2[{name}]", progress=progress,
-                             validate=(lambda: heldout_ce(model, val, targets, eval_bs))
+                             validate=(lambda: heldout_ce(model, val, targets, eval_bs,
+                                                          offsets=val_offsets))
                              if len(val) >= 2 else None)
     metrics = {"variant": name, "domain_adaptation": da, "completed": result["stopped"] is None,
                "steps_done": result["steps_done"], "resumed_from": result["start_step"],
@@ -315,7 +345,8 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
                "weights_synchronised": result["weights_synchronised"],
                "loss": {k: v for k, v in result["log"][-1].items() if k != "step"}
                if result["log"] else None, "heldout_ce_before": before,
-               "n_val_trials": len(val), "validation": result["validation"]}
+               "n_val_trials": len(val), "validation": result["validation"],
+               "linear_gain": gains}
     if result["stopped"] is not None or not main:
         return metrics
     if test_ok:
