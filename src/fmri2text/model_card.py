@@ -133,7 +133,8 @@ Test runs it was evaluated on (e.g.):
 
 Against {metrics.get('reference', '?')} ({metrics.get('n_test_trials', '?')} test trials);
 controls: shuffled fMRI (fMRI permuted across test trials), prompt-only (the LLM's prior
-without fMRI), ridge baseline (ridge fMRI → sentence embedding, nearest training answer).
+without fMRI); linear peers: ridge (ridge fMRI → sentence embedding, nearest training answer)
+and ridge_tokens (ridge fMRI → the teacher's video tokens, decoded by the same frozen LLM).
 A decoder that does not beat its controls has decoded nothing.
 
 ```

@@ -36,7 +36,8 @@ HEADLINE = [("BERTScore-F1", "bertscore_f1"), ("BLEU-1", "bleu1"), ("BLEU-2", "b
             ("ROUGE-L F", "rougeL_f")]
 BAR_METRICS = [(f"{g} {s}", k) for g, s, k in COLUMNS if g != "Retrieval"]
 CONTROL_TITLES = {"shuffled": "shuffled fMRI", "prompt_only": "prompt only (LLM prior)",
-                  "ridge": "ridge baseline"}
+                  "ridge": "ridge baseline (nearest training answer)",
+                  "ridge_tokens": "ridge to video tokens (same LLM)"}
 METRICS_FIX = ("run `fmri2text evaluate` in this run directory first, or pass the run directory "
                "that holds a metrics.json written by it")
 TEMPLATE = "report.html.j2"

@@ -21,7 +21,8 @@ from fmri2text.errors import UserError
 #: Colours: the decoder, then controls (shuffled, prompt-only, ridge, any other).
 DECODER_COLOUR = "#2b6cb0"
 TOTAL_COLOUR = "#1a365d"
-CONTROL_COLOURS = {"shuffled": "#c53030", "prompt_only": "#dd6b20", "ridge": "#2f855a"}
+CONTROL_COLOURS = {"shuffled": "#c53030", "prompt_only": "#dd6b20", "ridge": "#2f855a",
+                   "ridge_tokens": "#38a169"}
 OTHER_COLOURS = ["#6b46c1", "#b7791f", "#319795", "#718096"]
 DPI = 100
 
