@@ -190,15 +190,15 @@ def _trajectory(spec: ClipSpec, t: np.ndarray, duration: float):
 
 
 def _radius_profile(shape: str, theta: np.ndarray) -> np.ndarray:
-    """Boundary radius (fraction of the actor radius) in direction ``theta`` (float32)."""
-    f32 = np.float32
+    """Boundary radius (fraction of the actor radius) in direction ``theta`` (float64)."""
+    fl = np.float64
     if shape in ("ball", "ring"):
         return np.ones_like(theta)
     if shape == "star":
-        return f32(0.74) + f32(0.26) * np.cos(f32(5) * theta)
+        return fl(0.74) + fl(0.26) * np.cos(fl(5) * theta)
     sides, offset = {"triangle": (3, 0.0), "square": (4, np.pi / 4), "diamond": (4, 0.0)}[shape]
-    sector = f32(2 * np.pi / sides)
-    return f32(np.cos(np.pi / sides)) / np.cos(np.mod(theta - f32(offset), sector) - f32(np.pi / sides))
+    sector = fl(2 * np.pi / sides)
+    return fl(np.cos(np.pi / sides)) / np.cos(np.mod(theta - fl(offset), sector) - fl(np.pi / sides))
 
 
 def _background(spec: ClipSpec, size: int) -> np.ndarray:
@@ -228,32 +228,34 @@ def render_clip(spec: ClipSpec, fps: int, seconds: float, size: int):
     n = int(round(fps * seconds))
     t = np.arange(n) / fps  # (F,)
     x, y, scale, angle = _trajectory(spec, t, seconds)
-    f32 = np.float32
-    radius = (spec.size * size * scale).astype(f32)[:, None, None]  # (F, 1, 1) pixels
-    pix = np.arange(size, dtype=f32) + f32(0.5)
-    dx = pix[None, None, :] - (x * size).astype(f32)[:, None, None]  # (F, 1, W)
-    dy = pix[None, :, None] - (y * size).astype(f32)[:, None, None]  # (F, H, 1)
+    # float64 throughout: numpy's float32 transcendentals take CPU-specific SIMD paths whose
+    # last-bit differences flipped rounded pixels between AVX2 and AVX-512 machines
+    fl = np.float64
+    radius = (spec.size * size * scale).astype(fl)[:, None, None]  # (F, 1, 1) pixels
+    pix = np.arange(size, dtype=fl) + fl(0.5)
+    dx = pix[None, None, :] - (x * size).astype(fl)[:, None, None]  # (F, 1, W)
+    dy = pix[None, :, None] - (y * size).astype(fl)[:, None, None]  # (F, H, 1)
     r = np.hypot(dx, dy)  # (F, H, W)
-    theta = np.arctan2(dy, dx) - angle.astype(f32)[:, None, None]
+    theta = np.arctan2(dy, dx) - angle.astype(fl)[:, None, None]
     edge = _radius_profile(spec.shape, theta) * radius
-    alpha = np.clip(edge - r + f32(0.5), 0, 1)
-    inner = np.clip(edge - r - f32(0.5), 0, 1)  # inside the dark outline
+    alpha = np.clip(edge - r + fl(0.5), 0, 1)
+    inner = np.clip(edge - r - fl(0.5), 0, 1)  # inside the dark outline
     if spec.shape == "ring":
-        hole = r - f32(0.4) * radius
-        alpha *= np.clip(hole + f32(0.5), 0, 1)
-        inner *= np.clip(hole - f32(0.5), 0, 1)
+        hole = r - fl(0.4) * radius
+        alpha *= np.clip(hole + fl(0.5), 0, 1)
+        inner *= np.clip(hole - fl(0.5), 0, 1)
     # a dark marker that turns with the actor, so spinning is visible on every shape
     mr = (0.7 if spec.shape == "ring" else 0.4) * radius[:, 0, 0]
-    mx = (x * size + mr * np.cos(angle)).astype(f32)[:, None, None]
-    my = (y * size + mr * np.sin(angle)).astype(f32)[:, None, None]
+    mx = (x * size + mr * np.cos(angle)).astype(fl)[:, None, None]
+    my = (y * size + mr * np.sin(angle)).astype(fl)[:, None, None]
     md = np.hypot(pix[None, None, :] - mx, pix[None, :, None] - my)
-    marker = np.clip(f32(0.18) * radius - md + f32(0.5), 0, 1) * inner
-    bg = _background(spec, size).astype(f32)[None]  # (1, H, W, 3)
-    colour = np.asarray(COLOURS[spec.colour], f32)
-    dark = f32(25.0)
+    marker = np.clip(fl(0.18) * radius - md + fl(0.5), 0, 1) * inner
+    bg = _background(spec, size).astype(fl)[None]  # (1, H, W, 3)
+    colour = np.asarray(COLOURS[spec.colour], fl)
+    dark = fl(25.0)
     paint = (inner * (1 - marker))[..., None]  # (F, H, W, 1) coloured part of the actor
     img = bg * (1 - alpha[..., None]) + dark * (alpha[..., None] - paint) + colour * paint
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), alpha
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), alpha.astype(np.float32)
 
 
 def lowlevel_features(frames: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -319,20 +321,50 @@ def _codec() -> str:
 CODEC = _codec()
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → (3H/2, W) uint8 planar YUV 4:2:0 (BT.601, limited range, chroma
+    averaged over 2x2 blocks), the layout ``av.VideoFrame.from_ndarray(..., "yuv420p")`` reads.
+
+    Done here in integer-exact numpy rather than by FFmpeg's swscale, whose SIMD conversion
+    made the encoded bytes differ between two encodes of the same frames on AVX-512 CPUs
+    (it reads memory it never wrote); H and W must be even.
+    """
+    h, w, _ = frame.shape
+    f = frame.astype(np.int32)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    # fixed-point BT.601 (coefficients x 2^8, rounded), as in the JPEG/ITU integer forms
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    rs, gs, bs = (c.reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3)) for c in (r, g, b))  # 4x sums
+    u = ((-38 * rs - 74 * gs + 112 * bs + 512) >> 10) + 128
+    v = ((112 * rs - 94 * gs - 18 * bs + 512) >> 10) + 128
+    out = np.empty((h * 3 // 2, w), np.uint8)
+    out[:h] = np.clip(y, 0, 255)
+    out[h:h + h // 4] = np.clip(u, 0, 255).reshape(h // 4, w)
+    out[h + h // 4:] = np.clip(v, 0, 255).reshape(h // 4, w)
+    return out
+
+
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """Encode frames (F, H, W, 3) uint8 to mp4 bytes, bit-exactly (one thread, no dates)."""
+    """Encode frames (F, H, W, 3) uint8 to mp4 bytes, bit-exactly: one thread, no dates, the
+    colour conversion in :func:`rgb_to_yuv420p`, and x264 without its assembly kernels (on
+    AVX-512 CPUs both swscale's and x264's SIMD paths made two encodes of the same frames
+    differ; the C paths give the same bytes on every CPU, ~1 ms more per 64 px clip)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         if CODEC == "libx264":
             stream = container.add_stream("libx264", rate=fps,
-                                          options={"crf": "20", "preset": "veryfast", "threads": "1"})
+                                          options={"crf": "20", "preset": "veryfast", "threads": "1",
+                                                   # x264's C code: its SIMD kernels gave
+                                                   # run-to-run different bytes on AVX-512
+                                                   "x264-params": "asm=0"})
         else:
             stream = container.add_stream("mpeg4", rate=fps, options={"qscale": "3"})
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            yuv = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+            for packet in stream.encode(yuv):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
