@@ -208,7 +208,7 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium not installed")
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (.ci/run installs Debian's chromium as root)")
 def test_renders_in_headless_chromium(report, tmp_path):
     path, _, _ = report
     proc = subprocess.run(
