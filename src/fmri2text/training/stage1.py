@@ -157,13 +157,16 @@ def build_student(cfg: Config, input_shape: tuple[int, ...], d_llm: int, n_token
     return student, spec
 
 
-def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor,
-                    val: TrialWindows | None = None):
+def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor):
     """Closed-form ridge from the training trials' mean response to their flattened video
     tokens (penalty chosen by cross-validation across training subjects), the feature
-    index of the student's input, and the cross-fitting offsets (:func:`crossfit_offsets`)
-    of the training trials followed by those of ``val``; None when ``encoder.linear_rank``
-    is 0."""
+    index of the student's input, and the trials' cross-fitting offsets
+    (:func:`crossfit_offsets`, (n, L, d)); None when ``encoder.linear_rank`` is 0.
+
+    ``train`` holds every labelled trial of the training subjects, validation trials too:
+    the stages add the offsets, so what they fit and validate on is each trial's prediction
+    by the map fitted without its subject, never an in-sample one.
+    """
     from fmri2text.evaluation.baselines import RidgeBaseline
 
     if cfg.encoder.linear_rank <= 0:
@@ -173,41 +176,35 @@ def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor,
     ridge = RidgeBaseline(cfg.baseline).fit(feats, ["."] * len(feats), Y=y, groups=train.subjects,
                                             max_rank=cfg.encoder.linear_rank)
     index = train.crop.index if train.crop is not None else torch.arange(feats.shape[1])
-    rows = [train]
-    if val is not None and len(val):
-        rows.append(val)
-    all_feats = np.concatenate([d.windows.data[d.rows].mean(axis=1) for d in rows])
-    all_subjects = np.concatenate([d.subjects for d in rows])
-    offsets = crossfit_offsets(cfg, feats, y, train.subjects, ridge, all_feats, all_subjects)
-    return ridge, index, offsets.view(len(all_feats), *x_train.shape[1:])
+    offsets = crossfit_offsets(cfg, feats, y, train.subjects, ridge)
+    return ridge, index, offsets.view(x_train.shape)
 
 
 def crossfit_offsets(cfg: Config, feats: np.ndarray, y: np.ndarray, subjects: np.ndarray,
-                     ridge, query: np.ndarray, query_subjects: np.ndarray) -> torch.Tensor:
-    """(m, L*d): each query trial's prediction by the map fitted without its subject, minus
-    its prediction by ``ridge`` (fitted on every training trial ``feats``/``y``).
+                     ridge) -> torch.Tensor:
+    """(n, L*d): each trial's prediction by the map fitted without its subject, minus its
+    prediction by ``ridge`` (fitted on all of ``feats``/``y``).
 
     The closed-form map fits its own training trials better than it will fit a new
     subject's (demo data: token correlation 0.82 in-sample, 0.55 held-out), so the stages
-    that train on top of it add these offsets to the training (and validation) trials' Z:
+    that train on top of it add these offsets to the training and validation trials' Z:
     the deep path and the LLM bridge then learn, and are validated, on inputs as noisy as a
     held-out subject's (cross-fitting, as in stacking). Zero with fewer than two training
     subjects.
     """
     from fmri2text.evaluation.baselines import RidgeBaseline
 
-    out = np.zeros((len(query), y.shape[1]), dtype=np.float32)
+    out = np.zeros_like(y, dtype=np.float32)
     groups = np.unique(subjects)
     if len(groups) < 2:
         return torch.from_numpy(out)
+    full = ridge.predict_embeddings(feats)  # (n, L*d) in-sample
     fixed = dataclasses.replace(cfg.baseline, alphas=[ridge.alpha_], cv_folds=1)
     for g in groups:
-        held, asked = subjects == g, query_subjects == g
-        if not asked.any():
-            continue
+        held = subjects == g
         fold = RidgeBaseline(fixed).fit(feats[~held], ["."] * int((~held).sum()), Y=y[~held],
                                         max_rank=cfg.encoder.linear_rank)
-        out[asked] = fold.predict_embeddings(query[asked]) - ridge.predict_embeddings(query[asked])
+        out[held] = fold.predict_embeddings(feats[held]) - full[held]
     return torch.from_numpy(out)
 
 
@@ -329,14 +326,15 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     test = TrialWindows(windows, split_rows(windows.trials, "test"))
     x_train = targets.tokens_of(train.clips)  # (n_train, L, d); raises if a clip is missing
     mbm = mbm_path(run_dir, s1.mbm_checkpoint)
-    linear = fit_linear_path(cfg, train, x_train, val)
+    labelled = TrialWindows(windows, np.r_[train.rows, val.rows])  # fit rows, then validation
+    linear = fit_linear_path(cfg, labelled, torch.cat([x_train, targets.tokens_of(val.clips)]))
     student, spec = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, mbm,
                                   linear)
     offsets = val_offsets = None
-    if linear is not None:  # (n_train + n_val, L, d): training trials first
+    if linear is not None:  # (n_train + n_val, L, d)
         offsets, val_offsets = linear[2][:len(train)], linear[2][len(train):]
         if main:
-            save_crossfit(stage_dir / CROSSFIT_FILE, linear[2], np.r_[train.rows, val.rows])
+            save_crossfit(stage_dir / CROSSFIT_FILE, linear[2], labelled.rows)
     model = AlignModel(student, alignment_loss_from_config(cfg.loss))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"stage1: {len(train)} train trials ({len(val)} more to validate), {len(test)} held-out test trials, input "
