@@ -60,7 +60,7 @@ print(result.table)  # per held-out subject, beside the controls
 
 # %% Export the final decoder: config.json, student.safetensors, mask.npy and a model card
 # (fmri2text run exports it as well; exporting again rewrites the same files)
-from fmri2text.api import export_run_model
+from fmri2text.export import export_run_model
 
 model_dir = export_run_model(run, cfg)
 print(f"decoder: {model_dir}")

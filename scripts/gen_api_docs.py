@@ -24,7 +24,7 @@ OUT = ROOT / "docs" / "api.md"
 PUBLIC = [
     "fmri2text.api.Decoder",
     "fmri2text.data.preprocessing.Trials",
-    "fmri2text.api.export_run_model",
+    "fmri2text.export.export_run_model",
     "fmri2text.api.FORMAT_VERSION",
     "fmri2text.config.load_config",
     "fmri2text.pipeline.run_pipeline",

@@ -83,7 +83,7 @@ def test_round_trip_decodes_identical_text(tiny_run, tmp_path):
     assert (saved / "README.md").read_text() == (model / "README.md").read_text()
     # the comparison can fail: other weights give other tokens and other answers
     with torch.no_grad():
-        again.student.projector.out.weight.mul_(-1.0)
+        again.student.projector.out.bias.add_(0.5)  # (its weight may still be 0: residual path)
     assert not np.allclose(again.embed(bold, onsets=onsets, pooled=False), tokens)
     assert again.decode(bold, onsets=onsets) != texts
 

@@ -68,9 +68,14 @@ def test_run_writes_the_contract(finished_run):
     assert m["reference"] == "video2text" and m["decoder"] == "fmri2text"
     assert list(m["subjects"]) == ["sub-03"]
     assert METRIC_KEYS | {"top1", "top5", "twoway"} <= set(m["total"])
-    assert set(m["controls"]) == {"shuffled", "prompt_only", "ridge"}
+    assert set(m["controls"]) == {"shuffled", "prompt_only", "ridge", "ridge_tokens"}
     for ctl in m["controls"].values():
         assert METRIC_KEYS <= set(ctl)
+    for peer in ("ridge", "ridge_tokens"):  # identification scored for both linear peers
+        assert {"top1", "top5", "twoway"} <= set(m["controls"][peer])
+        assert {"top1", "twoway"} <= set(m["controls_subjects"][peer]["sub-03"])
+    p_sub = m["permutation"]["subjects"]["sub-03"]  # per-subject p, printed in the table
+    assert f"{p_sub['bertscore_f1']:.4f}" in r.stdout
     assert {"bertscore_f1", "bleu1"} <= set(m["p_values"])
     assert METRIC_KEYS <= set(m["vs_truth"]["total"])
     lines = (out / "predictions.jsonl").read_text().splitlines()
@@ -79,7 +84,7 @@ def test_run_writes_the_contract(finished_run):
     assert all(FIELDS <= set(row) for row in rows)
     assert all(isinstance(row["video2text"], str) and row["video2text"] for row in rows)
     assert all(row["truth"] for row in rows)
-    for name in ("shuffled", "prompt_only", "ridge"):
+    for name in ("shuffled", "prompt_only", "ridge", "ridge_tokens"):
         ctl = (out / "controls" / f"{name}.jsonl").read_text().splitlines()
         assert [json.loads(c)["stim"] for c in ctl] == [row["stim"] for row in rows]
     html = (out / "report.html").read_text()
