@@ -337,7 +337,8 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
             save_crossfit(stage_dir / CROSSFIT_FILE, linear[2], labelled.rows)
     model = AlignModel(student, alignment_loss_from_config(cfg.loss))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"stage1: {len(train)} train trials ({len(val)} more to validate), {len(test)} held-out test trials, input "
+    log(f"stage1: {len(train)} train trials (+{len(val)} to validate), {len(test)} held-out "
+        f"test trials, input "
         f"{train.input_shape}, L={targets.n_tokens}, d={targets.d_llm}, {n_trainable:,} trainable "
         f"parameters, MBM init {mbm or 'none'}, {accelerator.num_processes} process(es), "
         f"mixed precision {mp}")
