@@ -2,7 +2,8 @@
 # The decoder against its linear peers with one component taken out at a time, on the same
 # data, teacher and annotations (issue 18's ablation table).
 # Usage: bash benchmarks/ablation.sh RUN OUT [variant ...]
-#   RUN: a finished `fmri2text run` / `demo` directory (its bids/ or --bids, prepared/,
+#   RUN: a finished `fmri2text run` / `demo` directory (its bids/, or BIDS=DIR in the
+#        environment when the dataset lives elsewhere; prepared/,
 #        teacher/, annotations/, eval_annotations/ are reused; nothing in RUN is changed)
 #   OUT: where each variant's run directory goes (OUT/<variant>)
 #   variants (default all): full no_linear no_deep mbm_init no_dance
