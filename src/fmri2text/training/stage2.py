@@ -106,7 +106,6 @@ def check_student(run: Path, cfg: Config) -> Path:
     return path
 
 
-
 def freeze_for_stage2(student: Student, train_tokenizer: bool = False,
                       train_linear: bool = False) -> None:
     """Freeze everything but the bridge: adaptors and projector (optionally the linear
@@ -272,8 +271,9 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
     src_instr, src_ans = targets.text_of(src.clips)  # raises when a clip is not annotated
 
     student, info = load_student(run_dir / "stage1" / STUDENT_FILE)
-    offsets = load_crossfit(run_dir / "stage1" / CROSSFIT_FILE, src.rows)  # (n_src, L, d) or None
-    val_offsets = load_crossfit(run_dir / "stage1" / CROSSFIT_FILE, val.rows)
+    both = load_crossfit(run_dir / "stage1" / CROSSFIT_FILE, np.r_[src.rows, val.rows])
+    # (n_src, L, d) and (n_val, L, d), or None without a linear path
+    offsets, val_offsets = (None, None) if both is None else (both[:len(src)], both[len(src):])
     if tuple(info["input_shape"]) != tuple(src.input_shape):
         raise UserError(f"the Stage I student reads windows of shape {info['input_shape']}, the "
                         f"data gives {src.input_shape}", path=run_dir / "stage1" / STUDENT_FILE,
