@@ -98,8 +98,31 @@ def test_retrieval_perfect_and_chance_levels():
     assert rand["twoway"] == pytest.approx(50.0, abs=3.0)
 
 
-def test_retrieval_counts_duplicate_candidates_once():
-    cand = np.repeat(np.eye(4), 3, axis=0)  # 12 rows, 4 distinct candidates
+def test_retrieval_ties_count_as_expected_rank_with_chance_from_the_same_count():
+    rng = np.random.default_rng(1)
+    # all identical candidates: every score is its chance level, never 100 %
+    same = np.ones((8, 5))
+    out = retrieval_metrics(rng.normal(size=(30, 5)), same, rng.integers(0, 8, 30))
+    assert out["n_candidates"] == 8 and out["n_distinct_candidates"] == 1
+    assert out["top1"] == pytest.approx(out["top1_chance"]) == pytest.approx(12.5)
+    assert out["top5"] == pytest.approx(out["top5_chance"]) == pytest.approx(62.5)
+    assert out["twoway"] == pytest.approx(50.0)
+    # partly identical: 4 distinct vectors, each 3 times; a perfect prediction finds its
+    # group of 3, so it is first with chance 1/3, in the top 5 surely, and beats the 9 others
+    cand = np.repeat(np.eye(4), 3, axis=0)  # 12 rows
     out = retrieval_metrics(cand, cand)
-    assert out["n_candidates"] == 4 and out["top1_chance"] == pytest.approx(25.0)
-    assert out["top1"] == 100.0 and out["twoway"] == 100.0
+    assert out["n_candidates"] == 12 and out["n_distinct_candidates"] == 4
+    assert out["top1_chance"] == pytest.approx(100 / 12) and out["top1"] == pytest.approx(100 / 3)
+    assert out["top5"] == pytest.approx(100.0)
+    assert out["twoway"] == pytest.approx((9 + 0.5 * 2) / 11 * 100)
+    # distinct: the same as without tie handling
+    cand = rng.normal(size=(6, 5))
+    out = retrieval_metrics(cand, cand)
+    assert out["top1"] == 100.0 and out["twoway"] == 100.0 and out["n_distinct_candidates"] == 6
+    # four candidates surely closer, the truth tied with two copies of itself: it is 5th,
+    # 6th or 7th with equal chance, so top-5 is 1/3 and top-1 0
+    cand = np.array([[1.0, 0.0], [1.0, 0.5], [1.0, 0.4], [1.0, 0.6], [1.0, 0.3], [1.0, 0.0],
+                     [1.0, 0.0], [-1.0, 0.0]])
+    out = retrieval_metrics(np.array([[1.0, 0.5]]), cand, np.array([0]))
+    assert out["top1"] == 0.0 and out["top5"] == pytest.approx(100 / 3)
+    assert out["twoway"] == pytest.approx((1 + 0.5 * 2) / 7 * 100)

@@ -423,6 +423,10 @@ class TextScorer:
         return self.pairwise(hyps, refs).metrics()
 
 
+#: cosines closer than this to the truth's count as ties with it
+TIE_TOLERANCE = 1e-9
+
+
 def retrieval_metrics(pred: np.ndarray, candidates: np.ndarray,
                       true_index: np.ndarray | None = None) -> dict[str, float]:
     """Top-1, top-5 and 2-way identification (×100) by cosine, with chance levels.
@@ -432,27 +436,33 @@ def retrieval_metrics(pred: np.ndarray, candidates: np.ndarray,
     pred:
         (n, d) predicted embeddings (e.g. from fMRI).
     candidates:
-        (m, d) candidate embeddings; identical rows count as one candidate, so chance
-        levels reflect the distinct candidates.
+        (m, d) candidate embeddings, one per candidate (e.g. per test clip).
     true_index:
         (n,) row of ``candidates`` that is each prediction's truth (default ``arange(n)``).
+
+    Ties cannot inflate a score: a candidate whose cosine equals the truth's (within
+    :data:`TIE_TOLERANCE`; identical candidates always do) counts as ranked before or after
+    the truth with equal chance, i.e. each score is its expectation under random
+    tie-breaking. With m identical candidates top-1 is 100/m, top-5 100·min(5, m)/m and
+    2-way 50: the chance levels, which are computed from the same m.
     """
     pred = np.asarray(pred, dtype=np.float64)
     cand = np.asarray(candidates, dtype=np.float64)
-    true_index = np.arange(len(pred)) if true_index is None else np.asarray(true_index)
-    uniq, inverse = np.unique(cand, axis=0, return_inverse=True)  # (u, d), (m,)
-    truth = inverse.reshape(-1)[true_index]  # (n,)
+    true_index = np.arange(len(pred)) if true_index is None else np.asarray(true_index).reshape(-1)
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    S = unit(pred) @ unit(uniq).T  # (n, u) cosine
-    t = S[np.arange(len(S)), truth][:, None]  # (n, 1)
-    better = (S > t).sum(1)  # candidates ranked above the truth
-    u = uniq.shape[0]
-    out = {"top1": float(np.mean(better < 1) * 100), "top5": float(np.mean(better < 5) * 100)}
-    if u > 1:
-        ties = (S == t).sum(1) - 1
-        out["twoway"] = float(np.mean(((S < t).sum(1) + 0.5 * ties) / (u - 1)) * 100)
-    else:
-        out["twoway"] = 50.0
-    out.update(top1_chance=100.0 / u, top5_chance=100.0 * min(5, u) / u, twoway_chance=50.0,
-               n_candidates=int(u))
+    S = unit(pred) @ unit(cand).T  # (n, m) cosine
+    t = S[np.arange(len(S)), true_index][:, None]  # (n, 1)
+    tied = np.abs(S - t) <= TIE_TOLERANCE
+    better = ((S > t) & ~tied).sum(1)  # candidates surely ranked above the truth
+    ties = tied.sum(1) - 1  # other candidates tied with it
+    worse = len(cand) - 1 - better - ties
+    m = cand.shape[0]
+
+    def top(k: int) -> float:  # the truth's rank is uniform over better .. better + ties
+        return float(np.mean(np.clip((k - better) / (ties + 1), 0.0, 1.0)) * 100)
+
+    out = {"top1": top(1), "top5": top(5),
+           "twoway": float(np.mean((worse + 0.5 * ties) / (m - 1)) * 100) if m > 1 else 50.0}
+    out.update(top1_chance=100.0 / m, top5_chance=100.0 * min(5, m) / m, twoway_chance=50.0,
+               n_candidates=int(m), n_distinct_candidates=int(len(np.unique(cand, axis=0))))
     return out

@@ -253,23 +253,26 @@ def pooled_z(student: Student, data: TrialWindows, batch_size: int = 32,
 
 def retrieval(student: Student, data: TrialWindows, targets: ClipTargets,
               batch_size: int = 32) -> dict:
-    """fMRI→video identification among all clips of ``data``: top-1/top-5 and chance.
+    """fMRI→video identification among all clips of ``data``: top-1/top-5 and chance
+    (fractions), scored by :func:`fmri2text.evaluation.metrics.retrieval_metrics`.
 
     Each trial's pooled Z is compared (cosine) with the pooled X of every distinct clip of
-    the set; a hit when its own clip ranks first (top-1) or within the first five.
+    the set; clips whose tokens tie count at their expected rank (identical tokens: chance).
     """
+    from fmri2text.evaluation.metrics import retrieval_metrics
+
     clips = sorted(set(data.clips))
-    cand = torch.nn.functional.normalize(targets.tokens_of(clips).mean(dim=1), dim=-1)  # (K, d)
-    z = pooled_z(student, data, batch_size)  # (n, d)
-    sims = z @ cand.T  # (n, K)
-    truth = torch.as_tensor([clips.index(c) for c in data.clips])  # (n,)
-    rank = (sims > sims.gather(1, truth[:, None])).sum(dim=1)  # (n,) 0 = best
-    k = len(clips)
-    per_subject = {f"sub-{s}": float((rank[data.subjects == s] == 0).float().mean())
+    cand = targets.tokens_of(clips).mean(dim=1).numpy()  # (K, d)
+    z = pooled_z(student, data, batch_size).numpy()  # (n, d)
+    truth = np.array([clips.index(c) for c in data.clips])  # (n,)
+    m = retrieval_metrics(z, cand, truth)
+    per_subject = {f"sub-{s}": retrieval_metrics(z[data.subjects == s], cand,
+                                                 truth[data.subjects == s])["top1"] / 100
                    for s in sorted(set(data.subjects))}
-    return {"top1": float((rank == 0).float().mean()), "top5": float((rank < 5).float().mean()),
-            "chance_top1": 1.0 / k, "chance_top5": min(5, k) / k, "n_trials": len(data),
-            "n_candidates": k, "top1_by_subject": per_subject}
+    return {"top1": m["top1"] / 100, "top5": m["top5"] / 100,
+            "chance_top1": m["top1_chance"] / 100, "chance_top5": m["top5_chance"] / 100,
+            "n_trials": len(data), "n_candidates": m["n_candidates"],
+            "n_distinct_candidates": m["n_distinct_candidates"], "top1_by_subject": per_subject}
 
 
 # ----------------------------------------------------------------------------- recipe
