@@ -99,6 +99,32 @@ def test_run_writes_the_contract(finished_run):
                  f"decoder: {out / 'model'}"):
         assert line in flat, line
     assert (out / "model" / "config.json").is_file()
+    # the tiny config's random LLM makes a degenerate teacher: flagged everywhere, not hidden
+    health = m["teacher_health"]
+    assert health["degenerate"] and health["overridden"] and health["problems"]
+    assert json.loads((out / "steps.json").read_text())["annotate"]["health"] == health
+    assert "Degenerate teacher" in html and "distinct answer" in html
+    assert m["truth_source"] == "captions" and "Truth" in html
+    out_health = m["output_health"]["fmri2text"]["subjects"]["sub-03"]
+    assert out_health["n"] == len(rows) and 0 <= out_health["prior_share"] <= 1
+    assert set(m["output_health"]) == {"fmri2text", "shuffled", "ridge", "ridge_tokens"}
+
+
+def test_degenerate_teacher_stops_the_run_without_the_override(finished_run):
+    """Without pipeline.allow_degenerate_teacher the run stops at annotate (exit 2) with a
+    message naming the distinct-answer count; the stored annotations are kept for a rerun."""
+    out, args, _ = finished_run
+    stored = sorted(p.name for p in (out / "annotations").iterdir())
+    try:
+        r = cli(*args, "pipeline.allow_degenerate_teacher=false")
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "distinct answer(s) for" in r.stderr and "teacher_health.json" in r.stderr
+        assert "allow_degenerate_teacher=true" in r.stderr
+        assert sorted(p.name for p in (out / "annotations").iterdir()) == stored
+    finally:  # the module's run as it was (annotate reruns from its store, the rest is skipped)
+        r = cli(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "stage1: unchanged, skipped" in r.stdout
 
 
 def test_test_clips_never_in_training_annotations(finished_run):

@@ -216,7 +216,8 @@ class Decoder:
         generation = {"instruction": cfg.evaluation.instruction,
                       "max_new_tokens": p.decode_max_new_tokens, "greedy": p.decode_greedy,
                       "seed": cfg.evaluation.seed, "batch_size": p.decode_batch_size,
-                      "system": cfg.teacher.system_prompt or None}
+                      "system": cfg.teacher.system_prompt or None, "samples": p.decode_samples,
+                      "temperature": p.decode_temperature, "top_p": p.decode_top_p}
         teacher = {"checkpoint_hash": digest, "config": dataclasses.asdict(cfg.teacher)}
         return cls(student, raw, prep, {"name": cfg.teacher.llm, "dtype": cfg.teacher.llm_dtype},
                    generation, teacher, device=device, source=student_path)
@@ -419,7 +420,10 @@ class Decoder:
         g = self.generation
         return {"max_new_tokens": int(g["max_new_tokens"]), "greedy": bool(g["greedy"]),
                 "seed": int(g["seed"]), "batch_size": int(g["batch_size"]),
-                "system": g.get("system") or None}
+                "system": g.get("system") or None,
+                # folders exported before MBR decoding: one answer per trial, as they were
+                "samples": int(g.get("samples", 0)), "temperature": float(g.get("temperature", 0.7)),
+                "top_p": float(g.get("top_p", 0.9))}
 
     def llm(self):
         """The frozen LLM and its tokenizer, loaded (and checked) on first use."""

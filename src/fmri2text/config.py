@@ -116,6 +116,10 @@ class EvaluationConfig:
     bertscore_batch_size: int = 64  # sentences per BERTScore forward pass
     n_permutations: int = 2000
     seed: int = 0
+    # truth of a trial without captions (HAD: the class is its text): 'class' = the template
+    # over its class name, 'none' = no truth (vs_truth then has no rows for it)
+    truth_without_captions: str = "class"
+    class_truth_template: str = "{class_name}"
 
 
 @dataclass
@@ -299,6 +303,17 @@ class PipelineConfig:
     decode_batch_size: int = 96  # test trials per batched generation (decode steps read every LLM weight)
     decode_max_new_tokens: int = 24  # answer length cap of fMRI2Text (and the controls)
     decode_greedy: bool = True  # greedy decoding; else sampling seeded by evaluation.seed
+    # > 1: minimum-Bayes-risk decoding: this many sampled answers per trial (plus the greedy
+    # one when decode_greedy), the consensus kept (models/llm.py mbr_choice); the controls
+    # that go through the LLM (shuffled, ridge_tokens) are decoded the same way
+    decode_samples: int = 16
+    decode_temperature: float = 0.7  # sampling temperature (decode_samples > 1 or greedy off)
+    decode_top_p: float = 0.9  # nucleus of the sampled answers
+    # teacher health after annotate (fmri2text/health.py): below these the run stops (exit 2)
+    min_distinct_answer_fraction: float = 0.05  # distinct answers / clips
+    max_token_cosine: float = 0.995  # mean pairwise cosine of the clips' mean video tokens
+    min_teacher_gain: float = 5.0  # held-out BERTScore-F1 over the no-video answer (fitted teacher)
+    allow_degenerate_teacher: bool = False  # go on anyway (the report and metrics flag it)
 
 
 @dataclass
@@ -512,6 +527,12 @@ def validate(cfg: Config, source: Any = None) -> None:
          "one of linear, mlp"),
         (cfg.teacher.captions in ("first", "all"), "teacher.captions", cfg.teacher.captions,
          "one of first, all"),
+        (cfg.evaluation.truth_without_captions in ("class", "none"),
+         "evaluation.truth_without_captions", cfg.evaluation.truth_without_captions,
+         "one of class, none"),
+        ("{class_name}" in cfg.evaluation.class_truth_template, "evaluation.class_truth_template",
+         cfg.evaluation.class_truth_template, "a text with {class_name} in it, e.g. 'A video of "
+         "{class_name}.'"),
         (cfg.teacher.generate_batch_size >= 1, "teacher.generate_batch_size",
          cfg.teacher.generate_batch_size, "at least 1"),
     ]

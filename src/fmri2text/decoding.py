@@ -45,14 +45,42 @@ def _file_hash(path: Path) -> str:
 # ----------------------------------------------------------------------------- decode
 
 
+def truths(trials, idx: np.ndarray, cfg) -> tuple[list[list[str] | None], str]:
+    """The true texts of trial-table rows ``idx`` and where they come from.
+
+    A trial's captions where it has some; otherwise, with
+    ``evaluation.truth_without_captions='class'``, ``evaluation.class_truth_template`` over
+    its class name (HAD has no captions: its text is the class). Source: 'captions',
+    'class names (template ...)', a mix of both, or 'none'.
+    """
+    out, kinds = [], set()
+    template = cfg.class_truth_template
+    for i in idx:
+        caps = list(trials["captions"].iat[i])
+        name = str(trials["class_name"].iat[i]).strip() if "class_name" in trials else ""
+        if caps:
+            out.append(caps)
+            kinds.add("captions")
+        elif cfg.truth_without_captions == "class" and name:
+            try:
+                out.append([template.format(class_name=name)])
+            except (KeyError, IndexError, ValueError) as err:
+                raise UserError(f"evaluation.class_truth_template={template!r} cannot be filled "
+                                f"({type(err).__name__}: {err})",
+                                fix="use only {class_name} in it, e.g. 'A video of {class_name}.'") from None
+            kinds.add(f"class names (template {template!r})")
+        else:
+            out.append(None)
+    return out, " + ".join(sorted(kinds)) or "none"
+
+
 def _rows(trials, idx: np.ndarray, instruction: str, video2text: list[str | None],
-          texts: list[str]) -> list[dict]:
+          texts: list[str], truth: list[list[str] | None]) -> list[dict]:
     """predictions.jsonl rows of trial-table rows ``idx``."""
     return [{"subject": f"sub-{trials['subject'].iat[i]}", "run": int(trials["run"].iat[i]),
              "onset": float(trials["onset"].iat[i]), "stim": str(trials["stim_file"].iat[i]),
-             "instruction": instruction, "video2text": v, "fmri2text": t,
-             "truth": list(trials["captions"].iat[i]) or None}
-            for i, v, t in zip(idx, video2text, texts)]
+             "instruction": instruction, "video2text": v, "fmri2text": t, "truth": g}
+            for i, v, t, g in zip(idx, video2text, texts, truth)]
 
 
 def _eval_answers(run: Path, digest: str, clips: list[str], instruction: str
@@ -118,10 +146,15 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     if not instruction.strip():
         raise UserError("the instruction is empty", fix="pass --instruction 'Describe the video.'")
     p = cfg.pipeline
-    if p.decode_batch_size < 1 or p.decode_max_new_tokens < 1:
+    if p.decode_batch_size < 1 or p.decode_max_new_tokens < 1 or p.decode_samples < 0:
         raise UserError(f"pipeline.decode_batch_size={p.decode_batch_size} and "
-                        f"pipeline.decode_max_new_tokens={p.decode_max_new_tokens} must be >= 1",
-                        fix="set both to positive integers")
+                        f"pipeline.decode_max_new_tokens={p.decode_max_new_tokens} must be >= 1, "
+                        f"pipeline.decode_samples={p.decode_samples} >= 0",
+                        fix="set them to positive integers (decode_samples 0 or 1: one answer)")
+    if not (p.decode_temperature > 0 and 0 < p.decode_top_p <= 1):
+        raise UserError(f"pipeline.decode_temperature={p.decode_temperature} must be > 0 and "
+                        f"pipeline.decode_top_p={p.decode_top_p} in (0, 1]",
+                        fix="e.g. pipeline.decode_temperature=0.7 pipeline.decode_top_p=0.9")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     windows = load_windows(bids, cfg)
@@ -158,8 +191,9 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     ridge.fit(X[train_idx], train_texts, groups=groups)
     ridge_texts = ridge.decode(X[test_idx])
     ridge_pred = ridge.predict_embeddings(X[test_idx])  # (n, 384) sentence space
-    references = [v if v is not None else (list(trials["captions"].iat[i]) or [""])[0]
-                  for i, v in zip(test_idx, video2text)]  # what the texts are scored against
+    truth, truth_source = truths(trials, test_idx, cfg.evaluation)
+    references = [v if v is not None else (g or [""])[0]
+                  for v, g in zip(video2text, truth)]  # what the texts are scored against
     ridge_cand = ridge.embed(_distinct_answers(distinct, test.clips, references))
     timings["ridge"] = time.perf_counter() - t
     # the linear peer of the student: the same features onto the teacher's tokens (the
@@ -173,11 +207,10 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     ridge_tokens = decoder.generate(z_lin, instrs)
     timings["ridge_tokens"] = time.perf_counter() - t
 
-    predictions = _rows(trials, test_idx, instruction, video2text, decoded)
-    controls = {"shuffled": _rows(trials, test_idx, instruction, video2text, shuffled),
-                "prompt_only": _rows(trials, test_idx, instruction, video2text, [prior] * len(test)),
-                "ridge": _rows(trials, test_idx, instruction, video2text, ridge_texts),
-                "ridge_tokens": _rows(trials, test_idx, instruction, video2text, ridge_tokens)}
+    row = lambda texts: _rows(trials, test_idx, instruction, video2text, texts, truth)  # noqa: E731
+    predictions = row(decoded)
+    controls = {"shuffled": row(shuffled), "prompt_only": row([prior] * len(test)),
+                "ridge": row(ridge_texts), "ridge_tokens": row(ridge_tokens)}
     write_jsonl(run / "predictions.jsonl", predictions)
     ensure_output_dir(run / "controls", what="controls folder")
     for name, rows in controls.items():
@@ -194,6 +227,7 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
               "student_hash": _file_hash(student_path), "teacher_hash": digest,
               "instruction": instruction, "n_test_trials": len(test),
               "reference": "video2text" if video2text[0] is not None else "truth",
+              "truth_source": truth_source,
               "prompt_only_answer": prior, "generation": decoder.generation_kwargs(),
               "mask_sha256": decoder.preprocessing.mask_sha256(),
               "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -267,9 +301,17 @@ def run_evaluate(run: Path, cfg: Config, log: Log = print) -> dict:
                        retrieval=retrieval)
     record = run / "decode.json"
     try:
-        metrics["decoder"] = json.loads(record.read_text(encoding="utf-8")).get("decoder", "fmri2text")
+        info = json.loads(record.read_text(encoding="utf-8"))
+        metrics["decoder"] = info.get("decoder", "fmri2text")
+        metrics["truth_source"] = info.get("truth_source")
     except (OSError, ValueError, AttributeError):
-        metrics["decoder"] = "fmri2text"
+        metrics["decoder"], metrics["truth_source"] = "fmri2text", None
+    from fmri2text.health import HEALTH_FILE
+
+    try:  # written by annotate; absent for runs decoded with an outside student
+        metrics["teacher_health"] = json.loads((run / HEALTH_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics["teacher_health"] = None
     metrics["evaluate_seconds"] = round(time.perf_counter() - t, 2)
     write_json(run / "metrics.json", metrics)
     log(f"evaluate: {len(predictions)} trials, controls {sorted(controls)} "

@@ -83,7 +83,9 @@ STEPS_FILE = "steps.json"
 STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "data", "split"),
     "teacher": ("seed", "teacher", "evaluation.instruction", "pipeline.teacher_checkpoint"),
-    "annotate": ("seed", "teacher", "data", "split", "evaluation.instruction", "stage1.annotations"),
+    "annotate": ("seed", "teacher", "data", "split", "evaluation.instruction", "stage1.annotations",
+                 "pipeline.min_distinct_answer_fraction", "pipeline.max_token_cosine",
+                 "pipeline.min_teacher_gain", "pipeline.allow_degenerate_teacher"),
     "pretrain-mbm": ("seed", "data", "split", "encoder", "mbm"),
     "stage1": ("seed", "data", "split", "encoder", "loss", "stage1"),
     "stage2": ("seed", "data", "split", "encoder", "loss", "stage1.annotations", "stage2",
@@ -193,7 +195,7 @@ class StepRunner:
         self.records.pop(step.name, None)
         write_json(self.path, self.records)  # a killed step is never taken as complete
         t0 = time.perf_counter()
-        step.fn()
+        result = step.fn()
         seconds = time.perf_counter() - t0
         outputs = self._outputs(step)
         missing = [k for k, v in outputs.items() if v is None]
@@ -202,6 +204,8 @@ class StepRunner:
         self.records[step.name] = {"config_hash": section_hash(self.cfg, STEP_SECTIONS[step.name]),
                                    "inputs": self._inputs(step), "outputs": outputs,
                                    "seconds": round(seconds, 2)}
+        if isinstance(result, dict) and result.get("health") is not None:
+            self.records[step.name]["health"] = result["health"]  # e.g. the teacher's
         write_json(self.path, self.records)
         self.ran.append(step.name)
         self.log(f"{tag}: done in {seconds:.1f} s")

@@ -195,9 +195,38 @@ def run_annotate(bids: Path, run: Path, cfg: Config, log: Log) -> dict:
     test = annotate(teacher, digest, test_clips, frames, Path(run) / EVAL_ANNOTATIONS,
                     [cfg.evaluation.instruction], log=log, **gen)
     check_annotation_store(run, cfg, trials)
+    health = check_teacher_health(run, cfg, {"training": train, "test": test}, log)
     return {"teacher_hash": digest, "train_clips": len(train_clips), "test_clips": len(test_clips),
             "computed": train["computed"] + test["computed"],
-            "reused": train["reused"] + test["reused"], "seconds": time.perf_counter() - t0}
+            "reused": train["reused"] + test["reused"], "seconds": time.perf_counter() - t0,
+            "health": health}
+
+
+def check_teacher_health(run: Path, cfg: Config, annotated: dict[str, dict], log: Log) -> dict:
+    """Teacher health (fmri2text/health.py) of annotate's results, written to
+    ``RUN/teacher_health.json``; a UserError (exit 2) naming the numbers when degenerate,
+    unless ``pipeline.allow_degenerate_teacher``."""
+    from fmri2text.health import FIX, HEALTH_FILE, answer_token_stats, teacher_health
+
+    parts = {name: answer_token_stats(list(a["answers"].values()), a["tokens"])
+             for name, a in annotated.items() if a["tokens"] is not None}
+    record = Path(run) / "teacher" / "teacher.json"
+    try:
+        teacher_eval = json.loads(record.read_text(encoding="utf-8")).get("eval")
+    except (OSError, ValueError, AttributeError):
+        teacher_eval = None
+    health = teacher_health(parts, teacher_eval, cfg.pipeline)
+    write_json(Path(run) / HEALTH_FILE, health)
+    log("annotate: " + "; ".join(f"{n} clips {p['distinct_answers']}/{p['n_clips']} distinct "
+                                 f"answers, token cosine {p['token_cosine']:.3f}"
+                                 for n, p in parts.items()))
+    if health["degenerate"] and not cfg.pipeline.allow_degenerate_teacher:
+        raise UserError("the teacher's targets carry no clip-specific information: "
+                        + "; ".join(health["problems"]), path=Path(run) / HEALTH_FILE, fix=FIX)
+    if health["degenerate"]:
+        log("WARNING: degenerate teacher, going on (pipeline.allow_degenerate_teacher): "
+            + "; ".join(health["problems"]))
+    return health
 
 
 # ----------------------------------------------------------------------------- MBM

@@ -142,6 +142,62 @@ def test_greedy_rows_leave_the_batch_at_their_eos_and_match_hf_generate(sharp):
     assert torch.equal(got, want)
 
 
+def test_sampled_answers_share_their_prompt_and_are_seeded(sharp):
+    """answer_tokens runs each prompt once and repeats it for its samples: with a nucleus
+    of one token every sample is the greedy answer; with a wide one they differ, and the
+    same seed gives the same draws."""
+    model, tok = sharp
+    soft = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(0))
+    instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?"]
+    embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft, instr)
+    P, pad, eos = llm.prefix_length(tok), tok.pad_token_id, tok.eos_token_id
+
+    def draw(n, temperature, top_p, seed):
+        return llm.answer_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 6,
+                                 eos, pad, samples=n, temperature=temperature, top_p=top_p,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    greedy = llm.greedy_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 6, eos, pad)
+    narrow = draw(4, 1.0, 1e-6, 0)  # (3 * 4, n): prompt-major
+    assert narrow.shape[0] == 12
+    for i in range(3):
+        for k in range(4):
+            row = narrow[4 * i + k]
+            assert torch.equal(row[:greedy.shape[1]], greedy[i]) and (row[greedy.shape[1]:] == pad).all()
+    wide = draw(4, 5.0, 1.0, 0)
+    assert len({tuple(r.tolist()) for r in wide}) > 3  # samples of one prompt differ
+    assert torch.equal(wide, draw(4, 5.0, 1.0, 0)) and not torch.equal(wide, draw(4, 5.0, 1.0, 1))
+
+
+def test_mbr_choice_is_the_consensus_answer():
+    cands = ["A red ball is falling.", "A red ball is falling in the sky.",
+             "A blue cube spins on a carpet of cream.", "A red ball is rolling."]
+    assert llm.mbr_choice(cands) == "A red ball is falling."
+    assert llm.mbr_choice(["one answer"]) == "one answer"
+    # duplicates weigh: the answer given twice wins over a single outlier
+    assert llm.mbr_choice(["a green star", "a white ring", "a green star"]) == "a green star"
+
+
+def test_mbr_generate_returns_one_candidate_per_prompt(sharp):
+    """samples > 1: one answer per prompt, each among that prompt's greedy or sampled
+    answers (the greedy one first), chosen by mbr_choice; reproducible with the seed."""
+    model, tok = sharp
+    soft = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(2))
+    instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?"]
+    kw = dict(max_new_tokens=6, samples=6, temperature=3.0, top_p=1.0, seed=5)
+    out = llm.generate(model, tok, soft, instr, batch_size=3, **kw)
+    assert len(out) == 3 and out == llm.generate(model, tok, soft, instr, batch_size=3, **kw)
+    greedy = llm.generate(model, tok, soft, instr, max_new_tokens=6)
+    for i in range(3):
+        embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft[i:i + 1], instr[i:i + 1])
+        ids = llm.answer_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, llm.prefix_length(tok)),
+                                6, tok.eos_token_id, tok.pad_token_id, samples=6, temperature=3.0,
+                                top_p=1.0, generator=torch.Generator().manual_seed(5))
+        own = [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+        assert llm.generate(model, tok, soft[i:i + 1], instr[i:i + 1], batch_size=1, **kw)[0] \
+            == llm.mbr_choice([greedy[i]] + own)
+
+
 def test_unknown_llm_name_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="unknown LLM"):
         llm.load_llm(str(tmp_path / "nope"))

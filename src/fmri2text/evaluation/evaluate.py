@@ -229,6 +229,29 @@ def identification(pred: np.ndarray, candidates: np.ndarray, true_index: np.ndar
     return total, per
 
 
+def output_health(rows: list[dict], prior: str | None) -> dict:
+    """How varied a decoder's texts are: per subject and in total, the fraction of distinct
+    outputs and the share equal to the LLM's prompt-only answer ``prior`` (None: not known).
+
+    A decoder that says the same thing for every trial, or mostly its prior, scores what
+    its references have in common, not what the fMRI carries.
+    """
+    def stats(texts: list[str]) -> dict:
+        n = len(texts)
+        norm = [" ".join(t.split()).lower() for t in texts]
+        out = {"n": n, "distinct": len(set(norm)), "distinct_fraction": len(set(norm)) / max(n, 1)}
+        if prior is not None:
+            p = " ".join(prior.split()).lower()
+            out["prior_share"] = sum(t == p for t in norm) / max(n, 1)
+        return out
+
+    by_subject: dict[str, list[str]] = {}
+    for r in rows:
+        by_subject.setdefault(str(r["subject"]), []).append(str(r["fmri2text"]))
+    return {"total": stats([str(r["fmri2text"]) for r in rows]),
+            "subjects": {s: stats(t) for s, t in sorted(by_subject.items())}}
+
+
 def evaluate(predictions: list[dict], controls: dict[str, list[dict]], scorer: TextScorer,
              cfg: EvaluationConfig, retrieval: dict | None = None) -> dict:
     """Score predictions and controls into the metrics.json structure of DESIGN §5.
@@ -255,6 +278,7 @@ def evaluate(predictions: list[dict], controls: dict[str, list[dict]], scorer: T
         _aligned(predictions, rows, name)
     kind, refs, truth = _references(predictions, "predictions.jsonl")
     subjects = np.array([str(r["subject"]) for r in predictions])
+    prior = str(controls["prompt_only"][0]["fmri2text"]) if controls.get("prompt_only") else None
 
     primary = _against(refs, predictions, controls, scorer, cfg, subjects)
     if truth is None:
@@ -294,6 +318,9 @@ def evaluate(predictions: list[dict], controls: dict[str, list[dict]], scorer: T
         "permutation": primary["permutation"],
         "n_test_trials": len(predictions),
         "vs_truth": vs_truth,
+        "output_health": {name: output_health(rows, prior) for name, rows in
+                          [("fmri2text", predictions), *sorted(controls.items())]
+                          if name != "prompt_only"},
     }
 
 

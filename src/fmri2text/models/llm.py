@@ -375,7 +375,7 @@ def answer_loss(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor,
 def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructions: list[str],
              max_new_tokens: int = 32, *, greedy: bool = True, seed: int = 0,
              temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 32,
-             soft_scale: float = 1.0, system: str | None = None) -> list[str]:
+             soft_scale: float = 1.0, system: str | None = None, samples: int = 0) -> list[str]:
     """Answer each instruction given its soft tokens, batched from ``inputs_embeds``.
 
     Parameters
@@ -384,11 +384,21 @@ def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructio
         (B, L, d) or None (the LLM's prompt-only prior, a control).
     greedy:
         Greedy decoding when True; otherwise sampling seeded by ``seed`` (reproducible).
+    samples:
+        > 1: minimum-Bayes-risk decoding. Each prompt is answered ``samples`` times by
+        sampling (``temperature``, ``top_p``, seeded), plus greedily when ``greedy``; the
+        answer returned is the candidate with the highest mean ROUGE-1 F against the others
+        (:func:`mbr_choice`): the consensus of the LLM's answers to these tokens.
 
     Returns
     -------
     B answers, stripped of special tokens and surrounding whitespace.
     """
+    if samples > 1:
+        return _mbr_generate(model, tokenizer, soft_tokens, instructions, max_new_tokens,
+                             greedy=greedy, seed=seed, temperature=temperature, top_p=top_p,
+                             batch_size=batch_size, soft_scale=soft_scale, system=system,
+                             samples=samples)
     out: list[str] = []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -413,6 +423,63 @@ def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructio
     return out
 
 
+def _mbr_generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
+                  instructions: list[str], max_new_tokens: int, *, greedy: bool, seed: int,
+                  temperature: float, top_p: float, batch_size: int, soft_scale: float,
+                  system: str | None, samples: int) -> list[str]:
+    """:func:`generate` with ``samples`` > 1: candidates per prompt, then the MBR choice.
+
+    Each prompt's columns run once; its keys and values are then repeated for its samples,
+    so a candidate costs only its own answer tokens. ``batch_size`` counts prompts.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen = torch.Generator().manual_seed(int(seed))
+    out: list[str] = []
+    for start in range(0, len(instructions), batch_size):
+        sl = slice(start, start + batch_size)
+        soft = None if soft_tokens is None else soft_tokens[sl]
+        embeds, mask, _ = build_prompt_embeds(model, tokenizer, soft, instructions[sl],
+                                              soft_scale=soft_scale, system=system)
+        b = embeds.shape[0]
+        cands: list[list[str]] = [[] for _ in range(b)]
+        runs = [(True, 1)] if greedy else []
+        runs.append((False, samples))
+        for is_greedy, n in runs:
+            cache = prefix_cache(model, embeds, prefix_length(tokenizer, system))
+            new = answer_tokens(model, embeds, mask, cache, max_new_tokens, eos, pad,
+                                samples=n, temperature=None if is_greedy else temperature,
+                                top_p=top_p, generator=gen)  # (b * n, n_new), prompt-major
+            texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            for i in range(b):
+                cands[i].extend(texts[i * n:(i + 1) * n])
+        out.extend(mbr_choice(c) for c in cands)
+    return out
+
+
+def mbr_choice(candidates: list[str]) -> str:
+    """The candidate with the highest summed ROUGE-1 F against all candidates (ties: the
+    first), i.e. the minimum-Bayes-risk answer under a unigram-overlap utility.
+
+    Tokens are rouge-score's (lower case, alphanumeric, Porter-stemmed); duplicates count, so
+    an answer the LLM gives often weighs more.
+    """
+    from collections import Counter
+
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    tok = DefaultTokenizer(use_stemmer=True)
+    grams = [Counter(tok.tokenize(c)) for c in candidates]
+    sizes = [sum(g.values()) for g in grams]
+
+    def f1(i: int, j: int) -> float:
+        both = sum((grams[i] & grams[j]).values())
+        return 2.0 * both / (sizes[i] + sizes[j]) if sizes[i] + sizes[j] else 1.0
+
+    totals = [sum(f1(i, j) for j in range(len(candidates))) for i in range(len(candidates))]
+    return candidates[max(range(len(candidates)), key=totals.__getitem__)]
+
+
 @torch.no_grad()
 def greedy_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, cache,
                   max_new_tokens: int, eos: int, pad: int) -> Tensor:
@@ -426,14 +493,33 @@ def greedy_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tenso
     with ``generate``; ``eos`` None: every row runs ``max_new_tokens``. ``cache``: keys and
     values of the first columns (:func:`prefix_cache`) or None.
     """
-    B = inputs_embeds.shape[0]
+    return answer_tokens(model, inputs_embeds, attention_mask, cache, max_new_tokens, eos, pad)
+
+
+@torch.no_grad()
+def answer_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, cache,
+                  max_new_tokens: int, eos: int, pad: int, *, samples: int = 1,
+                  temperature: float | None = None, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """(B * samples, n_new) answer ids, ``samples`` consecutive rows per prompt.
+
+    The prompts run once; their keys and values are repeated ``samples`` times. Each step
+    runs only the unfinished rows (see :func:`greedy_tokens`). ``temperature`` None: greedy;
+    otherwise nucleus sampling (``top_p``) drawn from ``generator``.
+    """
     held = 0 if cache is None else cache.get_seq_length()
     pos = position_ids(attention_mask)
     out = model(inputs_embeds=inputs_embeds[:, held:], attention_mask=attention_mask,
                 position_ids=pos[:, held:], cache=cache, use_cache=True, logits_to_keep=1)
-    cache, nxt = out.cache, out.logits[:, -1].argmax(-1)  # (B,)
-    new = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=nxt.device)
-    rows = torch.arange(B, device=nxt.device)  # batch rows still generating
+    cache, logits = out.cache, out.logits[:, -1]  # (B, V)
+    if samples > 1:
+        cache.batch_repeat_interleave(samples)
+        logits = logits.repeat_interleave(samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(samples, dim=0)
+        pos = pos.repeat_interleave(samples, dim=0)
+    nxt = _next_token(logits, temperature, top_p, generator)  # (B * samples,)
+    new = torch.full((len(nxt), max_new_tokens), pad, dtype=torch.long, device=nxt.device)
+    rows = torch.arange(len(nxt), device=nxt.device)  # batch rows still generating
     last = pos[:, -1]
     for step in range(max_new_tokens):
         new[rows, step] = nxt
@@ -449,5 +535,20 @@ def greedy_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tenso
         last = last + 1
         out = model(input_ids=nxt[:, None], attention_mask=attention_mask,
                     position_ids=last[:, None], cache=cache, use_cache=True)
-        cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
+        cache = out.cache
+        nxt = _next_token(out.logits[:, -1], temperature, top_p, generator)
     return new
+
+
+def _next_token(logits: Tensor, temperature: float | None, top_p: float,
+                generator: torch.Generator | None) -> Tensor:
+    """(B,) next ids: argmax, or a draw from the smallest set of most likely tokens whose
+    probability reaches ``top_p``, at ``temperature``."""
+    if temperature is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    p, idx = probs.sort(dim=-1, descending=True)
+    outside = p.cumsum(-1) - p >= top_p  # tokens after the nucleus is full
+    p = p.masked_fill(outside, 0.0)
+    pick = torch.multinomial(p, 1, generator=generator)  # (B, 1), renormalised by multinomial
+    return idx.gather(-1, pick).squeeze(-1)

@@ -378,10 +378,27 @@ def build_report(run_dir: Path, out: Path | None = None, dataset_root: Path | No
         "training_missing": [t for t, rows_ in logs.items() if not rows_],
         "samples": cards,
         "brain": brain,
+        **health_context(data),
     }
     html = render(context)
     write_text(out, html)
     return out
+
+
+def health_context(data: dict) -> dict:
+    """The report's banner and facts on the targets' and the outputs' health."""
+    th = data.get("teacher_health") if isinstance(data.get("teacher_health"), dict) else {}
+    problems = [str(p) for p in th.get("problems") or []] if th.get("degenerate") else []
+    oh = (data.get("output_health") or {}).get("fmri2text") or {}
+    rows = []
+    for label, m in [*sorted((oh.get("subjects") or {}).items()), ("Total", oh.get("total"))]:
+        if isinstance(m, dict):
+            rows.append((str(label), f"{m.get('distinct', '–')}/{m.get('n', '–')} distinct "
+                         f"({fmt(100 * m['distinct_fraction']) if 'distinct_fraction' in m else '–'} %)"
+                         + (f", {fmt(100 * m['prior_share'])} % the prompt-only answer"
+                            if "prior_share" in m else "")))
+    return {"teacher_problems": problems, "truth_source": str(data.get("truth_source") or "–"),
+            "output_health": rows}
 
 
 def _permutation_note(data: dict) -> str:
