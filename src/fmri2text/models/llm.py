@@ -388,7 +388,9 @@ def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructio
         > 1: minimum-Bayes-risk decoding. Each prompt is answered ``samples`` times by
         sampling (``temperature``, ``top_p``, seeded), plus greedily when ``greedy``; the
         answer returned is the candidate with the highest mean ROUGE-1 F against the others
-        (:func:`mbr_choice`): the consensus of the LLM's answers to these tokens.
+        (:func:`mbr_choice`): the consensus of the LLM's answers to these tokens. Sampled
+        answers are reproducible for the same prompts, order and ``batch_size``; unlike
+        greedy ones they change when a prompt is decoded in another batch.
 
     Returns
     -------
