@@ -3,8 +3,7 @@
 Usage: python benchmarks/mbr_decode.py RUN BIDS [SAMPLES] [BATCH]
 
 Decodes the student's tokens of every test trial greedily and with ``pipeline.decode_samples
-= SAMPLES`` (default 16; prompts per batch BATCH, default 8: the sampled rows' keys and values
-take SAMPLES x the greedy memory), scores both per held-out subject against the run's
+= SAMPLES`` (default 16; BATCH answer rows per batch, default 128 = 8 prompts of 16), scores both per held-out subject against the run's
 references with the run's scorer, prints them beside the run's ``ridge`` peer, and the seconds
 each took. Nothing in RUN is changed.
 """
@@ -24,7 +23,7 @@ from fmri2text.data.datasets import load_windows, split_rows
 from fmri2text.evaluation.metrics import TextScorer
 
 
-def main(run: Path, bids: Path, samples: int = 16, batch: int = 8) -> None:
+def main(run: Path, bids: Path, samples: int = 16, batch: int = 128) -> None:
     cfg = load_config(run / "config.yaml", [])
     windows = load_windows(bids, cfg)
     test = split_rows(windows.trials, "test")

@@ -305,9 +305,10 @@ class PipelineConfig:
     decode_greedy: bool = True  # greedy decoding; else sampling seeded by evaluation.seed
     # > 1: minimum-Bayes-risk decoding: this many sampled answers per trial (plus the greedy
     # one when decode_greedy), the consensus kept (models/llm.py mbr_choice); the controls
-    # that go through the LLM (shuffled, ridge_tokens) are decoded the same way. 0: off —
-    # 16 gained ~+0.8 BERTScore-F1 / +1.5 BLEU-1 on average over 4 held-out subjects of two
-    # worlds (one got worse) for ~16x the decode time (BENCHMARKS)
+    # that go through the LLM (shuffled, ridge_tokens) are decoded the same way;
+    # decode_batch_size then counts answer rows. 0: off — 16 gained +0.3 to +1.6 BERTScore-F1
+    # and +0.8 to +1.9 BLEU-1 on all 4 held-out subjects of two worlds for ~6x the decode
+    # time, about 5 more minutes of demo (BENCHMARKS)
     decode_samples: int = 0
     decode_temperature: float = 0.7  # sampling temperature (decode_samples > 1 or greedy off)
     decode_top_p: float = 0.9  # nucleus of the sampled answers

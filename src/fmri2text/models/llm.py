@@ -432,14 +432,17 @@ def _mbr_generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
     """:func:`generate` with ``samples`` > 1: candidates per prompt, then the MBR choice.
 
     Each prompt's columns run once; its keys and values are then repeated for its samples,
-    so a candidate costs only its own answer tokens. ``batch_size`` counts prompts.
+    so a candidate costs only its own answer tokens. ``batch_size`` counts answer rows, as
+    in greedy decoding (memory: the rows' keys and values): ``batch_size // samples``
+    prompts, at least one, go together.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     gen = torch.Generator().manual_seed(int(seed))
+    prompts = max(1, batch_size // samples)
     out: list[str] = []
-    for start in range(0, len(instructions), batch_size):
-        sl = slice(start, start + batch_size)
+    for start in range(0, len(instructions), prompts):
+        sl = slice(start, start + prompts)
         soft = None if soft_tokens is None else soft_tokens[sl]
         embeds, mask, _ = build_prompt_embeds(model, tokenizer, soft, instructions[sl],
                                               soft_scale=soft_scale, system=system)
