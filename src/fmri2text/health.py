@@ -27,10 +27,15 @@ import numpy as np
 HEALTH_FILE = "teacher_health.json"
 
 
+def same_text_key(text: str) -> str:
+    """What makes two answers the same answer here: case and runs of whitespace ignored."""
+    return " ".join(text.split()).lower()
+
+
 def answer_token_stats(answers: list[str], tokens) -> dict:
     """Distinct answers and the spread of the clips' mean video tokens (N, L, d)."""
     n = len(answers)
-    distinct = len({" ".join(a.split()).lower() for a in answers})
+    distinct = len({same_text_key(a) for a in answers})
     x = np.asarray(tokens, dtype=np.float64).mean(axis=1)  # (N, d)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     s = x.sum(axis=0)

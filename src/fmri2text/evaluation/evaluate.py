@@ -236,12 +236,14 @@ def output_health(rows: list[dict], prior: str | None) -> dict:
     A decoder that says the same thing for every trial, or mostly its prior, scores what
     its references have in common, not what the fMRI carries.
     """
+    from fmri2text.health import same_text_key
+
     def stats(texts: list[str]) -> dict:
         n = len(texts)
-        norm = [" ".join(t.split()).lower() for t in texts]
+        norm = [same_text_key(t) for t in texts]
         out = {"n": n, "distinct": len(set(norm)), "distinct_fraction": len(set(norm)) / max(n, 1)}
         if prior is not None:
-            p = " ".join(prior.split()).lower()
+            p = same_text_key(prior)
             out["prior_share"] = sum(t == p for t in norm) / max(n, 1)
         return out
 

@@ -23,6 +23,7 @@ padding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -462,6 +463,14 @@ def _mbr_generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _rouge_tokenizer():
+    """rouge-score's stemming tokenizer, built once (mbr_choice runs once per prompt)."""
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    return DefaultTokenizer(use_stemmer=True)
+
+
 def mbr_choice(candidates: list[str]) -> str:
     """The candidate with the highest summed ROUGE-1 F against all candidates (ties: the
     first), i.e. the minimum-Bayes-risk answer under a unigram-overlap utility.
@@ -471,9 +480,7 @@ def mbr_choice(candidates: list[str]) -> str:
     """
     from collections import Counter
 
-    from rouge_score.tokenizers import DefaultTokenizer
-
-    tok = DefaultTokenizer(use_stemmer=True)
+    tok = _rouge_tokenizer()
     grams = [Counter(tok.tokenize(c)) for c in candidates]
     sizes = [sum(g.values()) for g in grams]
 
