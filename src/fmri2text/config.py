@@ -262,6 +262,9 @@ class Stage1Config:
     # or RUN/mbm.safetensors (fmri2text run then runs pretrain-mbm); or a file
     mbm_checkpoint: str = ""
     val_every: int = 25  # steps between validation passes (best step kept); 0 = keep the last
+    # train the linear path's closed-form weights too (AdamW moves each of its 512 x L*d
+    # weights by ~lr per step on inputs of scale ~10: it diverged from step 1, BENCHMARKS)
+    train_linear: bool = False
     annotations: str = "annotations"  # folder of the teacher's annotations, relative to RUN
     eval_batch_size: int = 32
     seed: int = 0

@@ -241,3 +241,30 @@ def test_gguf_conversion_parses_each_file_once(tmp_path):
         assert first.fields["test.value"].contents() == 7
         assert first.tensors[0].data.tolist() == [[0, 1, 2], [3, 4, 5]]
     assert gguf.GGUFReader is real and gguf.GGUFReader(path) is not first
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_nucleus_draws_stay_in_the_full_sort_nucleus(top_p):
+    """_next_token sorts only the NUCLEUS_TOP most likely tokens unless a row's nucleus is
+    wider: a peaked row (nucleus of a few tokens) and a flat one (nucleus of thousands) in
+    one batch both draw only from the nucleus a full sort gives, and every nucleus token
+    can be drawn."""
+    V = 4000
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.full((V,), -20.0)
+    peaked[[7, 70, 700]] = torch.tensor([3.0, 2.0, 1.0])
+    logits = torch.stack([peaked, torch.randn(V, generator=g) * 0.1])  # (2, V)
+
+    def nucleus(row):
+        p, idx = torch.softmax(row, -1).sort(descending=True)
+        return set(idx[(p.cumsum(-1) - p) < top_p].tolist())
+
+    want = [nucleus(r) for r in logits]
+    assert len(want[0]) <= 3 < llm.NUCLEUS_TOP < len(want[1])  # one row short of top_p in the top
+    seen = [set(), set()]
+    for _ in range(300):
+        tok = llm._next_token(logits, 1.0, top_p, g)
+        for r in range(2):
+            assert int(tok[r]) in want[r]
+            seen[r].add(int(tok[r]))
+    assert seen[0] == want[0]

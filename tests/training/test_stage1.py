@@ -93,6 +93,31 @@ def test_linear_path_starts_at_the_closed_form_ridge(experiment):
     assert offsets.abs().max() > 0
 
 
+@pytest.mark.parametrize("train_linear", [False, True])
+def test_stage1_keeps_the_closed_form_linear_path_unless_told(tmp_path, experiment, train_linear):
+    """The linear path's weights stay the fitted ridge map through Stage I (AdamW moved each
+    of them by ~lr per step and the loss diverged from step 1); stage1.train_linear=true
+    trains them. The last step is kept (val_every=0), so the check sees trained weights."""
+    from fmri2text.data.datasets import TrialWindows, split_rows
+    from fmri2text.training.stage1 import fit_linear_path
+
+    windows, targets = experiment
+    cfg = load_config(None, TINY + ["stage1.steps=4", "stage1.val_every=0",
+                                    f"stage1.train_linear={str(train_linear).lower()}"])
+    train_stage1(None, tmp_path, cfg, windows=windows, targets=targets, progress=False,
+                 log=lambda s: None)
+    student, _ = load_student(tmp_path / "stage1" / "student.safetensors")
+    from fmri2text.data.splits import validation_rows
+
+    fit, val = validation_rows(windows.trials, split_rows(windows.trials, "train"),
+                               cfg.split.val_fraction, cfg.split.seed)
+    labelled = TrialWindows(windows, np.r_[fit, val])
+    ridge, _, _ = fit_linear_path(cfg, labelled, targets.tokens_of(labelled.clips))
+    fitted = torch.as_tensor(ridge.weight_, dtype=torch.float32)
+    assert torch.equal(student.linear.weight, fitted) != train_linear
+    assert student.projector.out.weight.abs().max() > 0  # the deep path did train (from 0)
+
+
 def test_frozen_encoder_base_does_not_change(tmp_path, experiment):
     windows, targets = experiment
     cfg = load_config(None, TINY + ["stage1.steps=3"])

@@ -552,6 +552,10 @@ def answer_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tenso
     return new
 
 
+#: tokens sorted per row when sampling from the nucleus (the rest only when they miss top_p)
+NUCLEUS_TOP = 256
+
+
 def _next_token(logits: Tensor, temperature: float | None, top_p: float,
                 generator: torch.Generator | None) -> Tensor:
     """(B,) next ids: argmax, or a draw from the smallest set of most likely tokens whose
@@ -559,7 +563,16 @@ def _next_token(logits: Tensor, temperature: float | None, top_p: float,
     if temperature is None:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    p, idx = probs.sort(dim=-1, descending=True)
+    # the nucleus is almost always among the few most likely tokens: sort only those, and
+    # the whole vocabulary only for rows whose top NUCLEUS_TOP miss top_p (same nucleus either way)
+    k = min(NUCLEUS_TOP, probs.shape[-1])
+    p, idx = probs.topk(k, dim=-1)  # (B, k), descending
+    short = p.sum(-1) < top_p
+    if short.any():
+        full_p, full_idx = probs[short].sort(dim=-1, descending=True)
+        p = torch.cat([p, p.new_zeros(len(p), probs.shape[-1] - k)], dim=-1)
+        idx = torch.cat([idx, idx.new_zeros(len(idx), probs.shape[-1] - k)], dim=-1)
+        p[short], idx[short] = full_p, full_idx
     outside = p.cumsum(-1) - p >= top_p  # tokens after the nucleus is full
     p = p.masked_fill(outside, 0.0)
     pick = torch.multinomial(p, 1, generator=generator)  # (B, 1), renormalised by multinomial

@@ -333,6 +333,8 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     linear = fit_linear_path(cfg, labelled, torch.cat([x_train, targets.tokens_of(val.clips)]))
     student, spec = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, mbm,
                                   linear)
+    if student.linear is not None and not s1.train_linear:  # the closed-form map stays as fitted
+        student.linear.requires_grad_(False)
     offsets = val_offsets = None
     if linear is not None:  # (n_train + n_val, L, d)
         offsets, val_offsets = linear[2][:len(train)], linear[2][len(train):]
