@@ -1,5 +1,5 @@
 """Greedy generation on a real workload: rows leave the batch at their end-of-turn token
-(``llm.greedy_tokens``) against ``transformers``' ``generate``, which runs every row until
+(``generation.greedy_tokens``) against ``transformers``' ``generate``, which runs every row until
 the longest answer ends. Same prompts, same prefix cache, same command; answers checked equal.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_generate.py --annotations RUN/annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fmri2text.models import llm
+from fmri2text.models import generation, llm
 
 
 def hf_generate(model, tok, soft, instr, new_tokens, system):
-    """The previous path of ``llm.generate`` for greedy answers (HF generate)."""
+    """The previous path of ``generation.generate`` for greedy answers (HF generate)."""
     embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft, instr, system=system)
     cache = llm.prefix_cache(model, embeds, llm.prefix_length(tok, system))
     out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
@@ -57,7 +57,7 @@ def main() -> None:
         sl = slice(s, s + args.batch)
         for name, fn in (("hf_generate", lambda: hf_generate(model, tok, tokens[sl], instr[sl],
                                                              args.new_tokens, args.system)),
-                         ("greedy_tokens", lambda: llm.generate(
+                         ("greedy_tokens", lambda: generation.generate(
                              model, tok, tokens[sl], instr[sl], args.new_tokens,
                              batch_size=args.batch, system=args.system))):
             t = time.perf_counter()

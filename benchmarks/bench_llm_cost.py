@@ -32,6 +32,7 @@ def timed(fn):
 
 
 def main() -> None:
+    from fmri2text.models import generation
     from fmri2text.models import llm as llm_mod
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,7 +54,7 @@ def main() -> None:
         soft = torch.randn(b, 8, d, generator=gen) * scale
         instr = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(b)]
         prompt = int(llm_mod.build_prompt_embeds(model, tok, soft, instr, system=SYSTEM)[1][0].sum())
-        run = lambda: llm_mod.generate(model, tok, soft, instr, args.new_tokens, batch_size=b,  # noqa: E731
+        run = lambda: generation.generate(model, tok, soft, instr, args.new_tokens, batch_size=b,  # noqa: E731
                                        system=SYSTEM)
         run()  # warm-up
         t_cached, cached = timed(run)

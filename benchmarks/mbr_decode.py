@@ -1,9 +1,10 @@
 """Greedy against minimum-Bayes-risk decoding of a finished run's held-out test trials.
 
-Usage: python benchmarks/mbr_decode.py RUN BIDS [SAMPLES] [BATCH]
+Usage: python benchmarks/mbr_decode.py RUN BIDS [SAMPLES] [BATCH] [BETA]
 
 Decodes the student's tokens of every test trial greedily and with ``pipeline.decode_samples
-= SAMPLES`` (default 16; BATCH answer rows per batch, default 128 = 8 prompts of 16), scores both per held-out subject against the run's
+= SAMPLES`` (default 16; BATCH answer rows per batch, default 128 = 8 prompts of 16;
+``pipeline.decode_mbr_beta`` = BETA, default 1), scores both per held-out subject against the run's
 references with the run's scorer, prints them beside the run's ``ridge`` peer, and the seconds
 each took. Nothing in RUN is changed.
 """
@@ -23,7 +24,7 @@ from fmri2text.data.datasets import load_windows, split_rows
 from fmri2text.evaluation.metrics import TextScorer
 
 
-def main(run: Path, bids: Path, samples: int = 16, batch: int = 128) -> None:
+def main(run: Path, bids: Path, samples: int = 16, batch: int = 128, beta: float = 1.0) -> None:
     cfg = load_config(run / "config.yaml", [])
     windows = load_windows(bids, cfg)
     test = split_rows(windows.trials, "test")
@@ -35,7 +36,7 @@ def main(run: Path, bids: Path, samples: int = 16, batch: int = 128) -> None:
     instr = [rows[0]["instruction"]] * len(rows)
     texts, seconds = {}, {}
     for name, n in (("greedy", 0), (f"mbr{samples}", samples)):
-        decoder.generation.update(samples=n, batch_size=batch)
+        decoder.generation.update(samples=n, batch_size=batch, mbr_beta=beta)
         t = time.perf_counter()
         texts[name] = decoder.generate(z, instr)
         seconds[name] = time.perf_counter() - t
@@ -53,4 +54,5 @@ def main(run: Path, bids: Path, samples: int = 16, batch: int = 128) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), *(int(a) for a in sys.argv[3:5]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), *(int(a) for a in sys.argv[3:5]),
+         *(float(a) for a in sys.argv[5:6]))

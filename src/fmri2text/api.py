@@ -217,7 +217,8 @@ class Decoder:
                       "max_new_tokens": p.decode_max_new_tokens, "greedy": p.decode_greedy,
                       "seed": cfg.evaluation.seed, "batch_size": p.decode_batch_size,
                       "system": cfg.teacher.system_prompt or None, "samples": p.decode_samples,
-                      "temperature": p.decode_temperature, "top_p": p.decode_top_p}
+                      "temperature": p.decode_temperature, "top_p": p.decode_top_p,
+                      "mbr_beta": p.decode_mbr_beta}
         teacher = {"checkpoint_hash": digest, "config": dataclasses.asdict(cfg.teacher)}
         return cls(student, raw, prep, {"name": cfg.teacher.llm, "dtype": cfg.teacher.llm_dtype},
                    generation, teacher, device=device, source=student_path)
@@ -409,21 +410,21 @@ class Decoder:
     def generate(self, z: torch.Tensor | None, instructions: list[str],
                  batch_size: int | None = None) -> list[str]:
         """Answers of the frozen LLM given fMRI tokens ``z`` (n, L, d) — or None: its prior."""
-        from fmri2text.models import llm as llm_mod
+        from fmri2text.models.generation import generate
 
         model, tokenizer = self.llm()
         kwargs = {**self.generation_kwargs(), **({"batch_size": int(batch_size)} if batch_size else {})}
-        return llm_mod.generate(model, tokenizer, z, list(instructions), **kwargs)
+        return generate(model, tokenizer, z, list(instructions), **kwargs)
 
     def generation_kwargs(self) -> dict:
-        """Keyword arguments of :func:`fmri2text.models.llm.generate` (all but the inputs)."""
+        """Keyword arguments of :func:`fmri2text.models.generation.generate` (all but the inputs)."""
         g = self.generation
         return {"max_new_tokens": int(g["max_new_tokens"]), "greedy": bool(g["greedy"]),
                 "seed": int(g["seed"]), "batch_size": int(g["batch_size"]),
                 "system": g.get("system") or None,
                 # folders exported before MBR decoding: one answer per trial, as they were
                 "samples": int(g.get("samples", 0)), "temperature": float(g.get("temperature", 0.7)),
-                "top_p": float(g.get("top_p", 0.9))}
+                "top_p": float(g.get("top_p", 0.9)), "mbr_beta": float(g.get("mbr_beta", 1.0))}
 
     def llm(self):
         """The frozen LLM and its tokenizer, loaded (and checked) on first use."""

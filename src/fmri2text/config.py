@@ -307,14 +307,16 @@ class PipelineConfig:
     decode_max_new_tokens: int = 24  # answer length cap of fMRI2Text (and the controls)
     decode_greedy: bool = True  # greedy decoding; else sampling seeded by evaluation.seed
     # > 1: minimum-Bayes-risk decoding: this many sampled answers per trial (plus the greedy
-    # one when decode_greedy), the consensus kept (models/llm.py mbr_choice); the controls
+    # one when decode_greedy), the consensus kept (models/generation.py mbr_choice); the controls
     # that go through the LLM (shuffled, ridge_tokens) are decoded the same way;
-    # decode_batch_size then counts answer rows. 0: off — 16 gained +0.3 to +1.6 BERTScore-F1
-    # and +0.8 to +1.9 BLEU-1 on all 4 held-out subjects of two worlds for ~6x the decode
-    # time, about 5 more minutes of demo (BENCHMARKS)
+    # decode_batch_size then counts answer rows. 0: off — 32 with decode_mbr_beta 1.5 won 7
+    # of 8 subject x metric cells against ridge on two worlds (greedy: 3), but was compared
+    # on test trials and costs several times the decode time (BENCHMARKS, session 10)
     decode_samples: int = 0
     decode_temperature: float = 0.7  # sampling temperature (decode_samples > 1 or greedy off)
     decode_top_p: float = 0.9  # nucleus of the sampled answers
+    # MBR's unigram F-score weighs recall this many times precision (1: ROUGE-1 F)
+    decode_mbr_beta: float = 1.0
     # teacher health after annotate (fmri2text/health.py): below these the run stops (exit 2)
     min_distinct_answer_fraction: float = 0.05  # distinct answers / clips
     max_token_cosine: float = 0.995  # mean pairwise cosine of the clips' mean video tokens

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fmri2text.errors import UserError
-from fmri2text.models import llm, zoo
+from fmri2text.models import generation, llm, zoo
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +101,9 @@ def test_batched_padded_generation_equals_one_by_one(sharp):
     model, tok = sharp
     soft = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(0))
     instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?"]
-    batched = llm.generate(model, tok, soft, instr, max_new_tokens=6)
+    batched = generation.generate(model, tok, soft, instr, max_new_tokens=6)
     assert len(set(batched)) == 3, batched  # the prompts lead to different answers
-    single = [llm.generate(model, tok, soft[i:i + 1], instr[i:i + 1], max_new_tokens=6)[0]
+    single = [generation.generate(model, tok, soft[i:i + 1], instr[i:i + 1], max_new_tokens=6)[0]
               for i in range(3)]
     assert batched == single
     # the shared prefix cache changes nothing: HF generate on the whole prompt gives the same
@@ -112,9 +112,9 @@ def test_batched_padded_generation_equals_one_by_one(sharp):
                            do_sample=False, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id)
     assert [t.strip() for t in tok.batch_decode(whole, skip_special_tokens=True)] == batched
-    assert llm.generate(model, tok, soft, instr, max_new_tokens=6) == batched  # greedy: same
-    s1 = llm.generate(model, tok, soft, instr, max_new_tokens=6, greedy=False, seed=3)
-    s2 = llm.generate(model, tok, soft, instr, max_new_tokens=6, greedy=False, seed=3)
+    assert generation.generate(model, tok, soft, instr, max_new_tokens=6) == batched  # greedy: same
+    s1 = generation.generate(model, tok, soft, instr, max_new_tokens=6, greedy=False, seed=3)
+    s2 = generation.generate(model, tok, soft, instr, max_new_tokens=6, greedy=False, seed=3)
     assert s1 == s2
 
 
@@ -136,16 +136,16 @@ def test_greedy_rows_leave_the_batch_at_their_eos_and_match_hf_generate(sharp):
     rows = {int(t): int((free == t).any(1).sum()) for t in free[:, :4].unique()}
     eos = max((t for t, c in rows.items() if c < len(instr)), key=rows.get)
     want = hf(eos)
-    got = llm.greedy_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 8, eos, pad)
+    got = generation.greedy_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 8, eos, pad)
     stopped = (want == eos).any(1)
     assert 0 < int(stopped.sum()) < len(instr)  # some rows end early, some do not
     assert torch.equal(got, want)
 
 
-def test_sampled_answers_share_their_prompt_and_are_seeded(sharp):
-    """answer_tokens runs each prompt once and repeats it for its samples: with a nucleus
-    of one token every sample is the greedy answer; with a wide one they differ, and the
-    same seed gives the same draws."""
+def test_sampled_answers_are_a_seeded_tree_of_counted_draws(sharp):
+    """sample_answers draws `samples` answers per prompt as (ids, count) of each distinct
+    answer: counts sum to `samples`; a nucleus of one token gives the greedy answer once with
+    every draw; a wide one gives several; the same seed gives the same draws."""
     model, tok = sharp
     soft = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(0))
     instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?"]
@@ -153,49 +153,105 @@ def test_sampled_answers_share_their_prompt_and_are_seeded(sharp):
     P, pad, eos = llm.prefix_length(tok), tok.pad_token_id, tok.eos_token_id
 
     def draw(n, temperature, top_p, seed):
-        return llm.answer_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 6,
-                                 eos, pad, samples=n, temperature=temperature, top_p=top_p,
-                                 generator=torch.Generator().manual_seed(seed))
+        return generation.sample_answers(model, embeds, mask, llm.prefix_cache(model, embeds, P),
+                                         6, eos, n, temperature, top_p,
+                                         torch.Generator().manual_seed(seed))
 
-    greedy = llm.greedy_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 6, eos, pad)
-    narrow = draw(4, 1.0, 1e-6, 0)  # (3 * 4, n): prompt-major
-    assert narrow.shape[0] == 12
+    greedy = generation.greedy_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 6,
+                                      eos, pad)
+    narrow = draw(5, 1.0, 1e-6, 0)
     for i in range(3):
-        for k in range(4):
-            row = narrow[4 * i + k]
-            assert torch.equal(row[:greedy.shape[1]], greedy[i]) and (row[greedy.shape[1]:] == pad).all()
-    wide = draw(4, 5.0, 1.0, 0)
-    assert len({tuple(r.tolist()) for r in wide}) > 3  # samples of one prompt differ
-    assert torch.equal(wide, draw(4, 5.0, 1.0, 0)) and not torch.equal(wide, draw(4, 5.0, 1.0, 1))
+        want = [t for t in greedy[i].tolist()]
+        want = want[:want.index(eos) + 1] if eos in want else want
+        want = [t for t in want if t != pad or t == eos]
+        assert narrow[i] == [(want, 5)]
+    wide = draw(16, 5.0, 1.0, 0)
+    assert all(sum(c for _, c in answers) == 16 for answers in wide)
+    assert all(len(answers) > 3 for answers in wide)  # samples of one prompt differ
+    assert all(len(ids) <= 6 for answers in wide for ids, _ in answers)
+    assert wide == draw(16, 5.0, 1.0, 0) and wide != draw(16, 5.0, 1.0, 1)
+
+
+def test_tree_sampling_draws_from_the_models_distribution(sharp):
+    """The tree's counts estimate the same answer distribution as independent draws (the
+    one-answer sampler on n copies of the prompt): the first and the second token's
+    distributions differ from those no more than two independent runs differ from each
+    other, and clearly from draws at another temperature."""
+    from collections import Counter
+
+    model, tok = sharp
+    soft = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3))
+    embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft, ["a ?"])
+    P, pad, eos = llm.prefix_length(tok), tok.pad_token_id, tok.eos_token_id
+    n = 3000
+
+    def tree(seed):
+        out = []
+        for ids, c in generation.sample_answers(model, embeds, mask,
+                                                llm.prefix_cache(model, embeds, P), 2, eos, n,
+                                                1.5, 1.0, torch.Generator().manual_seed(seed))[0]:
+            out += [tuple(ids)] * c
+        return out
+
+    def single(seed, temperature=1.5):
+        rep = embeds.repeat(n, 1, 1), mask.repeat(n, 1)
+        ids = generation.answer_tokens(model, *rep, llm.prefix_cache(model, rep[0], P), 2, eos,
+                                       pad, temperature=temperature, top_p=1.0,
+                                       generator=torch.Generator().manual_seed(seed))
+        return [tuple(row[:row.index(eos) + 1] if eos in row else row) for row in ids.tolist()]
+
+    def tv(a, b):  # the larger of the first and the second token's total variation
+        out = 0.0
+        for k in (0, 1):
+            ca, cb = Counter(x[k] if len(x) > k else None for x in a), \
+                Counter(x[k] if len(x) > k else None for x in b)
+            out = max(out, 0.5 * sum(abs(ca[t] - cb[t]) for t in set(ca) | set(cb)) / n)
+        return out
+
+    t, s1, s2 = tree(1), single(2), single(3)
+    assert len(t) == n and len(set(t)) > 100  # a spread distribution: the test means something
+    noise = tv(s1, s2)
+    assert tv(t, s1) < noise + 0.03, (tv(t, s1), noise)
+    assert tv(t, single(2, temperature=0.2)) > noise + 0.05  # the check can fail
 
 
 def test_mbr_choice_is_the_consensus_answer():
     cands = ["A red ball is falling.", "A red ball is falling in the sky.",
              "A blue cube spins on a carpet of cream.", "A red ball is rolling."]
-    assert llm.mbr_choice(cands) == "A red ball is falling."
-    assert llm.mbr_choice(["one answer"]) == "one answer"
+    assert generation.mbr_choice(cands) == "A red ball is falling."
+    assert generation.mbr_choice(["one answer"]) == "one answer"
     # duplicates weigh: the answer given twice wins over a single outlier
-    assert llm.mbr_choice(["a green star", "a white ring", "a green star"]) == "a green star"
+    assert generation.mbr_choice(["a green star", "a white ring", "a green star"]) == "a green star"
+    # counts weigh as duplicates do
+    assert generation.mbr_choice(["a green star", "a white ring"], [1, 2]) == "a white ring"
+    # beta > 1 weighs recall: the answer that covers more of the others' words wins
+    cands = ["a red ball", "a red ball in the sky", "a red ball on the grass"]
+    assert generation.mbr_choice(cands, [2, 1, 1]) == "a red ball"
+    assert generation.mbr_choice(cands, [2, 1, 1], beta=3.0) != "a red ball"
 
 
 def test_mbr_generate_returns_one_candidate_per_prompt(sharp):
-    """samples > 1: one answer per prompt, each among that prompt's greedy or sampled
-    answers (the greedy one first), chosen by mbr_choice; reproducible with the seed."""
+    """samples > 1: one answer per prompt, the mbr_choice among that prompt's greedy answer
+    and its counted samples; reproducible with the seed."""
     model, tok = sharp
     soft = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(2))
     instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?"]
-    kw = dict(max_new_tokens=6, samples=6, temperature=3.0, top_p=1.0, seed=5)
-    out = llm.generate(model, tok, soft, instr, batch_size=3, **kw)
-    assert len(out) == 3 and out == llm.generate(model, tok, soft, instr, batch_size=3, **kw)
-    greedy = llm.generate(model, tok, soft, instr, max_new_tokens=6)
+    kw = dict(max_new_tokens=6, samples=6, temperature=3.0, top_p=1.0, seed=5, mbr_beta=1.5)
+    out = generation.generate(model, tok, soft, instr, batch_size=3, **kw)
+    assert len(out) == 3 and out == generation.generate(model, tok, soft, instr, batch_size=3, **kw)
+    greedy = generation.generate(model, tok, soft, instr, max_new_tokens=6)
     for i in range(3):
         embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft[i:i + 1], instr[i:i + 1])
-        ids = llm.answer_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, llm.prefix_length(tok)),
-                                6, tok.eos_token_id, tok.pad_token_id, samples=6, temperature=3.0,
-                                top_p=1.0, generator=torch.Generator().manual_seed(5))
-        own = [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
-        assert llm.generate(model, tok, soft[i:i + 1], instr[i:i + 1], batch_size=1, **kw)[0] \
-            == llm.mbr_choice([greedy[i]] + own)
+        drawn = generation.sample_answers(model, embeds, mask,
+                                          llm.prefix_cache(model, embeds, llm.prefix_length(tok)),
+                                          6, tok.eos_token_id, 6, 3.0, 1.0,
+                                          torch.Generator().manual_seed(5))[0]
+        cands = {greedy[i]: 1}
+        for ids, c in drawn:
+            t = tok.decode(ids, skip_special_tokens=True).strip()
+            cands[t] = cands.get(t, 0) + c
+        assert generation.generate(model, tok, soft[i:i + 1], instr[i:i + 1], batch_size=1, **kw)[0] \
+            == generation.mbr_choice(list(cands), list(cands.values()), 1.5)
 
 
 def test_unknown_llm_name_is_a_user_error(tmp_path):
@@ -214,10 +270,10 @@ def test_real_smollm2_loads_offline_and_generates_from_embeds():
     model, tok = llm.load_llm("smollm2")
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
     assert model.dtype == llm.preferred_dtype() and not any(p.requires_grad for p in model.parameters())
-    out = llm.generate(model, tok, None, ["What is the capital of France?"], max_new_tokens=12)
+    out = generation.generate(model, tok, None, ["What is the capital of France?"], max_new_tokens=12)
     assert "Paris" in out[0]
     soft = torch.randn(1, 4, 576) * llm.embedding_std(model)
-    out = llm.generate(model, tok, soft, ["Describe the video."], max_new_tokens=8)
+    out = generation.generate(model, tok, soft, ["Describe the video."], max_new_tokens=8)
     assert isinstance(out[0], str) and len(out[0]) > 0
 
 
@@ -260,10 +316,10 @@ def test_nucleus_draws_stay_in_the_full_sort_nucleus(top_p):
         return set(idx[(p.cumsum(-1) - p) < top_p].tolist())
 
     want = [nucleus(r) for r in logits]
-    assert len(want[0]) <= 3 < llm.NUCLEUS_TOP < len(want[1])  # one row short of top_p in the top
+    assert len(want[0]) <= 3 < generation.NUCLEUS_TOP < len(want[1])  # one row short of top_p in the top
     seen = [set(), set()]
     for _ in range(300):
-        tok = llm._next_token(logits, 1.0, top_p, g)
+        tok = generation._next_token(logits, 1.0, top_p, g)
         for r in range(2):
             assert int(tok[r]) in want[r]
             seen[r].add(int(tok[r]))

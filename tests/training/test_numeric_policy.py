@@ -9,6 +9,7 @@ import torch
 
 from fmri2text.config import load_config
 from fmri2text.data.datasets import synthetic_experiment
+from fmri2text.models import generation
 from fmri2text.models import llm as llm_mod
 from fmri2text.models import zoo
 from fmri2text.training import loop
@@ -45,6 +46,6 @@ def test_both_precisions_train_both_stages(tmp_path, precision, llm_dtype):
     w = m2["with_da"]
     assert w["mixed_precision"] == precision and np.isfinite(w["heldout_ce_after"])
     assert json.loads((tmp_path / "stage2" / "metrics.json").read_text())["main"] == "with_da"
-    out = llm_mod.generate(llm, tok, torch.zeros(2, 4, 32), ["describe", "describe"],
-                           max_new_tokens=3)
+    out = generation.generate(llm, tok, torch.zeros(2, 4, 32), ["describe", "describe"],
+                              max_new_tokens=3)
     assert len(out) == 2

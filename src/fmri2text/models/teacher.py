@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fmri2text.errors import UserError
+from fmri2text.models import generation
 from fmri2text.models import llm as llm_mod
 
 #: Parameter-name prefixes of the query side: everything trainable before the projection
@@ -281,9 +282,9 @@ class VideoLLaMATeacher(nn.Module):
 
     @torch.no_grad()
     def answer_from_tokens(self, tokens: Tensor, instructions: list[str], **gen) -> list[str]:
-        """Answers given video tokens (B, L, d_llm); ``gen`` as in :func:`llm.generate`."""
-        return llm_mod.generate(self.llm, self.tokenizer, tokens, instructions,
-                                system=self.system, **gen)
+        """Answers given video tokens (B, L, d_llm); ``gen`` as in :func:`generation.generate`."""
+        return generation.generate(self.llm, self.tokenizer, tokens, instructions,
+                                   system=self.system, **gen)
 
     @torch.no_grad()
     def answer_from_features(self, feats: Tensor, instructions: list[str], **gen) -> list[str]:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from fmri2text.config import INSTRUCTIONS, Config, TeacherConfig
 from fmri2text.errors import UserError
 from fmri2text.io import atomic_path, ensure_output_dir, write_json
+from fmri2text.models import generation
 from fmri2text.models import llm as llm_mod
 from fmri2text.models.teacher import QUERY_SIDE, VideoLLaMATeacher, resolve_preset, teacher_from_config
 
@@ -265,8 +266,8 @@ def evaluate(teacher: VideoLLaMATeacher, feats: torch.Tensor, captions: list[lis
     t0 = time.perf_counter()
     video2text = teacher.answer_from_features(feats, instr, **gen)
     gen_s = time.perf_counter() - t0
-    prior = llm_mod.generate(teacher.llm, teacher.tokenizer, None, instr[:1],
-                             system=teacher.system, **gen)[0]  # same prompt for every clip
+    prior = generation.generate(teacher.llm, teacher.tokenizer, None, instr[:1],
+                                system=teacher.system, **gen)[0]  # same prompt for every clip
     scorer = TextScorer(cfg.evaluation)
     return {"video2text": scorer.score(video2text, captions),
             "no_video": scorer.score([prior] * len(captions), captions),
