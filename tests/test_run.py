@@ -150,6 +150,33 @@ def test_second_run_skips_every_step(finished_run):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+def test_mbr_decoding_reruns_only_decode_onwards(tmp_path, finished_run):
+    """pipeline.decode_samples / decode_mbr_beta are decode settings: a rerun with them
+    redecodes (decoder and controls) and keeps the trained student; a beta of 0 is refused
+    before anything is written."""
+    import shutil
+
+    out, args, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    args = [str(run) if a == str(out) or a == out else a for a in args]
+    student = (run / "stage2" / "student.safetensors").read_bytes()
+    before = (run / "predictions.jsonl").read_bytes()
+    bad = cli(*args, "pipeline.decode_samples=4", "pipeline.decode_mbr_beta=0")
+    assert bad.returncode == 2 and "pipeline.decode_mbr_beta=0" in bad.stderr
+    assert (run / "predictions.jsonl").read_bytes() == before
+    r = cli(*args, "pipeline.decode_samples=4", "pipeline.decode_mbr_beta=1.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for step in ("prepare", "teacher", "annotate", "stage1", "stage2"):
+        assert f"{step}: unchanged, skipped" in r.stdout, step
+    assert "decode: done in" in r.stdout
+    assert (run / "stage2" / "student.safetensors").read_bytes() == student
+    decode = json.loads((run / "decode.json").read_text())
+    assert json.dumps(decode).count('"samples": 4') >= 1
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert rows and all(isinstance(r["fmri2text"], str) for r in rows)
+
+
 def test_decode_with_a_student_of_another_config(finished_run, tiny_llm_dir):
     out, _, _ = finished_run
     before = (out / "predictions.jsonl").read_bytes()
