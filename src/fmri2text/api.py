@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from fmri2text import __version__
-from fmri2text.config import Config
+from fmri2text.config import Config, PipelineConfig
 from fmri2text.data.preprocessing import Preprocessing, Trials
 from fmri2text.errors import UserError
 from fmri2text.io import write_json, write_text
@@ -418,13 +418,15 @@ class Decoder:
 
     def generation_kwargs(self) -> dict:
         """Keyword arguments of :func:`fmri2text.models.generation.generate` (all but the inputs)."""
-        g = self.generation
+        g, d = self.generation, PipelineConfig()
         return {"max_new_tokens": int(g["max_new_tokens"]), "greedy": bool(g["greedy"]),
                 "seed": int(g["seed"]), "batch_size": int(g["batch_size"]),
                 "system": g.get("system") or None,
-                # folders exported before MBR decoding: one answer per trial, as they were
-                "samples": int(g.get("samples", 0)), "temperature": float(g.get("temperature", 0.7)),
-                "top_p": float(g.get("top_p", 0.9)), "mbr_beta": float(g.get("mbr_beta", 1.0))}
+                # folders exported before MBR decoding: the config's defaults (one answer)
+                "samples": int(g.get("samples", d.decode_samples)),
+                "temperature": float(g.get("temperature", d.decode_temperature)),
+                "top_p": float(g.get("top_p", d.decode_top_p)),
+                "mbr_beta": float(g.get("mbr_beta", d.decode_mbr_beta))}
 
     def llm(self):
         """The frozen LLM and its tokenizer, loaded (and checked) on first use."""

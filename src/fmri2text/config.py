@@ -513,7 +513,7 @@ def validate(cfg: Config, source: Any = None) -> None:
 
     ``source(key)``, when given, names where ``key`` was set (a file or 'command line').
     """
-    s = cfg.simulate
+    s, p = cfg.simulate, cfg.pipeline
     checks = [
         (s.subjects >= 2, "simulate.subjects", s.subjects, "at least 2 (one to train, one held out)"),
         (s.runs >= 1, "simulate.runs", s.runs, "at least 1"),
@@ -543,6 +543,16 @@ def validate(cfg: Config, source: Any = None) -> None:
          "{class_name}.'"),
         (cfg.teacher.generate_batch_size >= 1, "teacher.generate_batch_size",
          cfg.teacher.generate_batch_size, "at least 1"),
+        (p.decode_batch_size >= 1, "pipeline.decode_batch_size", p.decode_batch_size, "at least 1"),
+        (p.decode_max_new_tokens >= 1, "pipeline.decode_max_new_tokens", p.decode_max_new_tokens,
+         "at least 1"),
+        (p.decode_samples >= 0, "pipeline.decode_samples", p.decode_samples,
+         "0 or 1 (one answer) or more (MBR decoding)"),
+        (p.decode_temperature > 0, "pipeline.decode_temperature", p.decode_temperature,
+         "positive, e.g. 0.7"),
+        (0 < p.decode_top_p <= 1, "pipeline.decode_top_p", p.decode_top_p, "in (0, 1], e.g. 0.9"),
+        (p.decode_mbr_beta > 0, "pipeline.decode_mbr_beta", p.decode_mbr_beta,
+         "positive (1: ROUGE-1 F)"),
     ]
     for ok, key, value, allowed in checks:
         if not ok:

@@ -221,19 +221,20 @@ def sample_answers(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tens
     count = torch.full((B,), samples, dtype=torch.long, device=dev)  # (R,) draws per row
     hist = torch.empty(B, 0, dtype=torch.long, device=dev)  # (R, step) tokens so far
     last = pos[:, -1]
+    V = int(logits.shape[-1])
     done: list[list[tuple[list[int], int]]] = [[] for _ in range(B)]
     for step in range(max_new_tokens):
         p, idx = _nucleus(logits, temperature, top_p)  # (R, k), zero outside each nucleus
         parent = torch.repeat_interleave(torch.arange(len(count), device=dev), count)  # (N,)
         pick = torch.multinomial(p[parent], 1, generator=generator).squeeze(1)  # (N,)
         token = idx[parent, pick]
-        V = int(logits.shape[-1])
         key, n = torch.unique(parent * V + token, return_counts=True)  # sorted: deterministic
         parent, token = key // V, key % V  # (R',) one row per distinct (prefix, token)
         hist = torch.cat([hist[parent], token[:, None]], 1)
         prompt, count, last = prompt[parent], n, last[parent]
-        ends = torch.ones_like(token, dtype=torch.bool) if step + 1 == max_new_tokens else \
-            (token == eos if eos is not None else torch.zeros_like(token, dtype=torch.bool))
+        ends = token == eos if eos is not None else torch.zeros_like(token, dtype=torch.bool)
+        if step + 1 == max_new_tokens:
+            ends[:] = True
         for r in ends.nonzero().squeeze(1).tolist():
             done[int(prompt[r])].append((hist[r].tolist(), int(count[r])))
         going = (~ends).nonzero().squeeze(1)
