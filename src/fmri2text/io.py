@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -29,6 +30,11 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: errno values meaning "this place cannot be written".
 NOT_WRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 LOCK_NAME = ".lock"
+
+
+def file_hash(path: str | Path) -> str:
+    """Short SHA-256 (16 hex digits) of a file's bytes: keys outputs to the file they came from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _read_umask() -> int:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from fmri2text.config import INSTRUCTIONS, Config, TeacherConfig
 from fmri2text.errors import UserError
-from fmri2text.io import atomic_path, ensure_output_dir, write_json
+from fmri2text.io import atomic_path, ensure_output_dir, file_hash, write_json
 from fmri2text.models import generation
 from fmri2text.models import llm as llm_mod
 from fmri2text.models.teacher import QUERY_SIDE, VideoLLaMATeacher, resolve_preset, teacher_from_config
@@ -99,10 +99,6 @@ def read_clip_frames(path: Path, n_frames: int, size: int) -> torch.Tensor:
     return read_frames(path, n_frames, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
-def _file_key(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def cached_features(teacher: VideoLLaMATeacher, clips: list[WebClip], tcfg: TeacherConfig,
                     cache: Path, log: Callable = print) -> torch.Tensor:
     """Frozen backbone features of every clip, (N, F, P, C) bf16, cached as safetensors.
@@ -112,7 +108,7 @@ def cached_features(teacher: VideoLLaMATeacher, clips: list[WebClip], tcfg: Teac
     """
     h = hashlib.sha256(f"{tcfg.vision}|{tcfg.image_size}|{tcfg.n_frames}".encode())
     for c in clips:
-        h.update(_file_key(c.path).encode())
+        h.update(file_hash(c.path).encode())
     path = cache / f"webclip-features-{h.hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:
@@ -288,7 +284,7 @@ def save_checkpoint(teacher: VideoLLaMATeacher, out_dir: Path, tcfg: TeacherConf
 
 def checkpoint_hash(path: str | Path) -> str:
     """Short SHA-256 of a teacher checkpoint (keys annotations to the teacher that made them)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_hash(path)
 
 
 def load_teacher(path: str | Path, tcfg: TeacherConfig, *, llm=None, tokenizer=None) -> VideoLLaMATeacher:
