@@ -61,6 +61,12 @@ def test_from_pretrained_reproduces_the_runs_predictions(tiny_run):
     # the test trials alone, by onset, in the run's order and batches: the same again
     onsets = [p["onset"] for p in predictions]
     assert decoder.decode(bold, onsets=onsets) == [p["fmri2text"] for p in predictions]
+    # MBR answers too are the same whichever trials are decoded together
+    decoder.generation.update(samples=8, mbr_beta=1.5, rerank=2.0)
+    every = dict(zip(zip(trials.table["onset"], trials.table["stim_file"]),
+                     decoder.decode(bold, events=events)))
+    assert [every[(p["onset"], p["stim"])] for p in predictions] == \
+        decoder.decode(bold, onsets=onsets, batch_size=16)
     # the fMRI embeddings the run scored retrieval with
     with np.load(run / "retrieval.npz") as f:
         pooled = f["pred"]

@@ -150,13 +150,29 @@ def test_second_run_skips_every_step(finished_run):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
-def test_mbr_decoding_reruns_only_decode_onwards(tmp_path, finished_run):
-    """pipeline.decode_samples / decode_mbr_beta are decode settings: a rerun with them
-    redecodes (decoder and controls) and keeps the trained student; a beta of 0 is refused
-    before anything is written."""
+def test_decoding_is_chosen_on_validation_trials_and_applied(tmp_path, finished_run):
+    """By default decode chooses one answer or MBR (each beta) on the training subjects'
+    validation trials; the choice decodes the test trials and goes into the exported model.
+    A rerun with the choice off and the chosen setting fixed gives the same predictions and
+    redecodes only (decode settings keep the student); a beta of 0 is refused before writing."""
     import shutil
 
     out, args, _ = finished_run
+    decode = json.loads((out / "decode.json").read_text())
+    choice = decode["decoding_choice"]
+    assert choice["n_validation_trials"] >= 2
+    settings = [(s["samples"], s["mbr_beta"], s["rerank"]) for s in choice["settings"]]
+    assert settings == [(0, 1.0, 0.0)] + [(32, b, r) for b in (1.0, 1.5, 2.0)
+                                          for r in (0.0, 1.0, 2.0, 4.0)]  # config defaults
+    best = max(choice["settings"], key=lambda s: s["mean"])
+    for s in choice["settings"]:
+        assert s["mean"] == pytest.approx((s["bertscore_f1"] + s["bleu1"]) / 2)
+    want = {k: best[k] for k in ("samples", "mbr_beta", "rerank")}
+    assert choice["chosen"] == want
+    assert {k: decode["generation"][k] for k in want} == want
+    model = json.loads((out / "model" / "config.json").read_text())["generation"]
+    assert {k: model[k] for k in want} == want
+
     run = tmp_path / "run"
     shutil.copytree(out, run)
     args = [str(run) if a == str(out) or a == out else a for a in args]
@@ -164,15 +180,24 @@ def test_mbr_decoding_reruns_only_decode_onwards(tmp_path, finished_run):
     before = (run / "predictions.jsonl").read_bytes()
     bad = cli(*args, "pipeline.decode_samples=4", "pipeline.decode_mbr_beta=0")
     assert bad.returncode == 2 and "pipeline.decode_mbr_beta=0" in bad.stderr
+    bad = cli(*args, "pipeline.decode_choose_betas=[]")
+    assert bad.returncode == 2 and "pipeline.decode_choose_betas" in bad.stderr
     assert (run / "predictions.jsonl").read_bytes() == before
-    r = cli(*args, "pipeline.decode_samples=4", "pipeline.decode_mbr_beta=1.5")
+    fixed = ["pipeline.decode_choose=false", f"pipeline.decode_samples={best['samples']}",
+             f"pipeline.decode_mbr_beta={best['mbr_beta']}", f"pipeline.decode_rerank={best['rerank']}"]
+    r = cli(*args, *fixed)
     assert r.returncode == 0, r.stderr[-3000:]
     for step in ("prepare", "teacher", "annotate", "stage1", "stage2"):
         assert f"{step}: unchanged, skipped" in r.stdout, step
     assert "decode: done in" in r.stdout
     assert (run / "stage2" / "student.safetensors").read_bytes() == student
-    decode = json.loads((run / "decode.json").read_text())
-    assert json.dumps(decode).count('"samples": 4') >= 1
+    assert json.loads((run / "decode.json").read_text())["decoding_choice"] is None
+    assert (run / "predictions.jsonl").read_bytes() == before
+    r = cli(*args, "pipeline.decode_choose=false", "pipeline.decode_samples=4",
+            "pipeline.decode_mbr_beta=1.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    generation = json.loads((run / "decode.json").read_text())["generation"]
+    assert (generation["samples"], generation["mbr_beta"]) == (4, 1.5)
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(r["fmri2text"], str) for r in rows)
 

@@ -43,7 +43,7 @@ from fmri2text import __version__
 from fmri2text.config import Config, PipelineConfig
 from fmri2text.data.preprocessing import Preprocessing, Trials
 from fmri2text.errors import UserError
-from fmri2text.io import write_json, write_text
+from fmri2text.io import file_hash, write_json, write_text
 from fmri2text.model_card import usage_card
 
 FORMAT = "fmri2text-decoder"
@@ -122,6 +122,23 @@ def _student_meta(path: Path) -> tuple[dict[str, str], dict]:
     return raw, decoded
 
 
+def _decoding_choice(run: Path, student_path: Path, cfg: Config) -> dict:
+    """The decoding that ``fmri2text decode`` chose on validation trials (``RUN/decode.json``),
+    as generation settings; empty when there is none for this student and these settings."""
+    try:
+        record = json.loads((run / "decode.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    choice = record.get("decoding_choice") if isinstance(record, dict) else None
+    if not (cfg.pipeline.decode_choose and choice
+            and record.get("student_hash") == file_hash(student_path)
+            and record.get("pipeline") == dataclasses.asdict(cfg.pipeline)):
+        return {}
+    return {"samples": int(choice["chosen"]["samples"]),
+            "mbr_beta": float(choice["chosen"]["mbr_beta"]),
+            "rerank": float(choice["chosen"].get("rerank", 0.0))}
+
+
 class Decoder:
     """A trained fMRI → text decoder: preprocessing, student, frozen LLM and generation settings.
 
@@ -142,7 +159,9 @@ class Decoder:
         (checked when the LLM is loaded, see :func:`llm_identity`).
     generation : dict
         ``instruction`` (the default), ``max_new_tokens``, ``greedy``, ``seed``,
-        ``batch_size`` and ``system`` (the chat system prompt, or None).
+        ``batch_size``, ``system`` (the chat system prompt, or None), and for MBR decoding
+        ``samples``, ``temperature``, ``top_p``, ``mbr_beta`` and ``rerank`` (see
+        :func:`fmri2text.models.generation.generate`).
     teacher : dict, optional
         The teacher the student was trained against (recorded, not needed to decode).
     card : str, optional
@@ -171,6 +190,7 @@ class Decoder:
         self.card = card
         self.training = dict(training or {})
         self._llm = None
+        self._sentence = None  # the sentence encoder of the semantic head, loaded on first use
         shape = tuple(json.loads(self.student_meta["input_shape"]))
         if shape != preprocessing.input_shape:
             raise UserError(f"the student reads windows of shape {shape}, the data gives "
@@ -218,7 +238,8 @@ class Decoder:
                       "seed": cfg.evaluation.seed, "batch_size": p.decode_batch_size,
                       "system": cfg.teacher.system_prompt or None, "samples": p.decode_samples,
                       "temperature": p.decode_temperature, "top_p": p.decode_top_p,
-                      "mbr_beta": p.decode_mbr_beta}
+                      "mbr_beta": p.decode_mbr_beta, "rerank": p.decode_rerank}
+        generation.update(_decoding_choice(run, student_path, cfg))
         teacher = {"checkpoint_hash": digest, "config": dataclasses.asdict(cfg.teacher)}
         return cls(student, raw, prep, {"name": cfg.teacher.llm, "dtype": cfg.teacher.llm_dtype},
                    generation, teacher, device=device, source=student_path)
@@ -404,17 +425,60 @@ class Decoder:
         instruction = self.generation["instruction"] if instruction is None else instruction
         if not str(instruction).strip():
             raise UserError("the instruction is empty", fix="pass instruction='Describe the video.'")
-        z = self.fmri_tokens(self.windows(bold, events, onsets, tr).data, batch_size=batch_size)
-        return self.generate(z, [instruction] * len(z), batch_size=batch_size)
+        data = self.windows(bold, events, onsets, tr).data
+        z = self.fmri_tokens(data, batch_size=batch_size)
+        return self.generate(z, [instruction] * len(z), batch_size=batch_size,
+                             semantic=self.semantic(data, batch_size=batch_size))
+
+    def semantic(self, data: np.ndarray, rows: Sequence[int] | None = None,
+                 batch_size: int | None = None, offsets: torch.Tensor | None = None
+                 ) -> torch.Tensor | None:
+        """The semantic head's unit-length sentence embeddings (n, d_s) for windows
+        ``data[rows]``, or None when the student has none. ``offsets`` (n, d_s): Stage I's
+        cross-fitting offsets of training trials (validation)."""
+        linear = self.student.linear
+        if linear is None or not linear.semantic_dim:
+            return None
+        rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+        b = int(batch_size or self.generation["batch_size"])
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(rows), b):
+                x = torch.from_numpy(np.asarray(data[rows[s:s + b]], dtype=np.float32))
+                x = self.preprocessing.crop(x) if self.preprocessing.crop is not None else x
+                off = None if offsets is None else offsets[s:s + b].to(self.device)
+                out.append(linear.semantic(x.to(self.device), off).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, linear.semantic_dim)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(n, d_s) unit-length sentence embeddings of ``texts`` (the embedded MiniLM, the
+        semantic head's target space); each distinct text is encoded once per decoder."""
+        if self._sentence is None:
+            from fmri2text.models.sentence import SentenceEmbedder
+
+            self._sentence = (SentenceEmbedder(), {})
+        encoder, seen = self._sentence
+        new = sorted({t for t in texts if t not in seen})
+        if new:
+            seen.update(zip(new, np.asarray(encoder.encode(new), dtype=np.float32)))
+        return np.stack([seen[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
     def generate(self, z: torch.Tensor | None, instructions: list[str],
-                 batch_size: int | None = None) -> list[str]:
-        """Answers of the frozen LLM given fMRI tokens ``z`` (n, L, d) — or None: its prior."""
+                 batch_size: int | None = None, semantic: torch.Tensor | None = None,
+                 **overrides) -> list[str]:
+        """Answers of the frozen LLM given fMRI tokens ``z`` (n, L, d) — or None: its prior.
+
+        ``semantic`` (n, d_s): the semantic head's embeddings of the same trials, which MBR
+        decoding weighs its candidates by (generation setting ``rerank``). ``overrides``:
+        generation settings for this call (e.g. ``rerank=0.0``).
+        """
         from fmri2text.models.generation import generate
 
         model, tokenizer = self.llm()
-        kwargs = {**self.generation_kwargs(), **({"batch_size": int(batch_size)} if batch_size else {})}
-        return generate(model, tokenizer, z, list(instructions), **kwargs)
+        kwargs = {**self.generation_kwargs(), **({"batch_size": int(batch_size)} if batch_size else {}),
+                  **overrides}
+        return generate(model, tokenizer, z, list(instructions), semantic=semantic,
+                        embed=self.embed_texts, **kwargs)
 
     def generation_kwargs(self) -> dict:
         """Keyword arguments of :func:`fmri2text.models.generation.generate` (all but the inputs)."""
@@ -422,11 +486,12 @@ class Decoder:
         return {"max_new_tokens": int(g["max_new_tokens"]), "greedy": bool(g["greedy"]),
                 "seed": int(g["seed"]), "batch_size": int(g["batch_size"]),
                 "system": g.get("system") or None,
-                # folders exported before MBR decoding: the config's defaults (one answer)
-                "samples": int(g.get("samples", d.decode_samples)),
+                # folders exported before MBR decoding: one answer, as they were evaluated
+                "samples": int(g.get("samples", 0)),
                 "temperature": float(g.get("temperature", d.decode_temperature)),
                 "top_p": float(g.get("top_p", d.decode_top_p)),
-                "mbr_beta": float(g.get("mbr_beta", d.decode_mbr_beta))}
+                "mbr_beta": float(g.get("mbr_beta", d.decode_mbr_beta)),
+                "rerank": float(g.get("rerank", 0.0))}
 
     def llm(self):
         """The frozen LLM and its tokenizer, loaded (and checked) on first use."""

@@ -171,6 +171,10 @@ class EncoderConfig:
     # linear path: closed-form ridge from the mean response into token space, the deep path
     # residual to it (models/student.py); principal directions kept, 0 = no linear path
     linear_rank: int = 512
+    # semantic head on the linear path: ridge from its principal components to the sentence
+    # embedding of the teacher's answer (the ridge peer's map); decoding weighs the LLM's
+    # sampled answers by agreement with it (pipeline.decode_rerank). Needs linear_rank > 0
+    semantic_head: bool = True
 
 
 @dataclass
@@ -309,14 +313,24 @@ class PipelineConfig:
     # > 1: minimum-Bayes-risk decoding: this many sampled answers per trial (plus the greedy
     # one when decode_greedy), the consensus kept (models/generation.py mbr_choice); the controls
     # that go through the LLM (shuffled, ridge_tokens) are decoded the same way;
-    # decode_batch_size then counts answer rows. 0: off — 32 with decode_mbr_beta 1.5 won 7
-    # of 8 subject x metric cells against ridge on two worlds (greedy: 3), but was compared
-    # on test trials and costs several times the decode time (BENCHMARKS, session 10)
-    decode_samples: int = 0
+    # decode_batch_size then counts answer rows. 0 or 1: one answer per trial
+    decode_samples: int = 32
     decode_temperature: float = 0.7  # sampling temperature (decode_samples > 1 or greedy off)
     decode_top_p: float = 0.9  # nucleus of the sampled answers
     # MBR's unigram F-score weighs recall this many times precision (1: ROUGE-1 F)
     decode_mbr_beta: float = 1.0
+    # MBR: weight of each sampled answer's agreement (cosine) with the sentence embedding the
+    # student's semantic head predicts (encoder.semantic_head); 0: plain consensus
+    decode_rerank: float = 0.0
+    # choose the decoding on the training subjects' validation trials (split.val_fraction,
+    # each trial's tokens cross-fitted as a held-out subject's): one answer per trial, or MBR
+    # over decode_samples with each of decode_choose_betas x decode_choose_reranks; the best
+    # mean of BERTScore-F1 and BLEU-1 against the teacher's answers decodes the test trials,
+    # the controls and the exported model (decode.json 'decoding_choice'). Off:
+    # decode_samples, decode_mbr_beta and decode_rerank as set
+    decode_choose: bool = True
+    decode_choose_betas: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0])
+    decode_choose_reranks: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])
     # teacher health after annotate (fmri2text/health.py): below these the run stops (exit 2)
     min_distinct_answer_fraction: float = 0.05  # distinct answers / clips
     max_token_cosine: float = 0.995  # mean pairwise cosine of the clips' mean video tokens
@@ -553,6 +567,14 @@ def validate(cfg: Config, source: Any = None) -> None:
         (0 < p.decode_top_p <= 1, "pipeline.decode_top_p", p.decode_top_p, "in (0, 1], e.g. 0.9"),
         (p.decode_mbr_beta > 0, "pipeline.decode_mbr_beta", p.decode_mbr_beta,
          "positive (1: ROUGE-1 F)"),
+        (min(p.decode_choose_betas, default=0) > 0,
+         "pipeline.decode_choose_betas", p.decode_choose_betas,
+         "a non-empty list of positive numbers, e.g. [1.0, 1.5, 2.0]"),
+        (p.decode_rerank >= 0, "pipeline.decode_rerank", p.decode_rerank,
+         "0 (plain MBR) or positive, e.g. 2.0"),
+        (len(p.decode_choose_reranks) > 0 and min(p.decode_choose_reranks, default=0) >= 0,
+         "pipeline.decode_choose_reranks", p.decode_choose_reranks,
+         "a non-empty list of numbers >= 0, e.g. [0.0, 1.0, 2.0, 4.0]"),
     ]
     for ok, key, value, allowed in checks:
         if not ok:

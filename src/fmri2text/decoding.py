@@ -12,6 +12,7 @@ it writes::
     RUN/controls/ridge.jsonl       ridge fMRI → sentence embedding, nearest training answer
     RUN/controls/ridge_tokens.jsonl  ridge fMRI → the teacher's video tokens, through the frozen
                                    LLM with the decoder's instruction and generation settings
+                                   (MBR without the semantic head: tokens alone)
     RUN/retrieval.npz              pooled Z of each trial, pooled X of each test clip; the
                                    peers' predictions and candidates (identification)
     RUN/brain_map.nii.gz           gradient saliency of the student, back in the volume
@@ -21,7 +22,6 @@ it writes::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import time
@@ -33,14 +33,10 @@ import torch
 
 from fmri2text.config import Config
 from fmri2text.errors import UserError
-from fmri2text.io import ensure_output_dir, write_bytes, write_json, write_jsonl
+from fmri2text.io import ensure_output_dir, file_hash, write_bytes, write_json, write_jsonl
 from fmri2text.steps import EVAL_ANNOTATIONS, teacher_checkpoint
 
 Log = Callable[[str], None]
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
 
 # ----------------------------------------------------------------------------- decode
 
@@ -125,6 +121,72 @@ def _saliency(student, data, positions: np.ndarray, batch: int) -> np.ndarray:
     return (flat / max(len(positions), 1)).numpy()
 
 
+def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) -> dict | None:
+    """Choose how the test trials are decoded, on the training subjects' validation trials.
+
+    The validation trials (:func:`~fmri2text.data.splits.validation_rows`, as Stage II's)
+    are decoded through ``decoder`` with their tokens and semantic-head embeddings
+    cross-fitted as a held-out subject's would be (Stage I's offsets): once with one answer
+    per trial, and once with ``pipeline.decode_samples`` candidates (drawn once), chosen by
+    MBR with each of ``pipeline.decode_choose_betas`` × ``decode_choose_reranks`` (rerank
+    weights only where the student has a semantic head). Each setting's answers are scored
+    against the teacher's answers of those clips; the best mean of BERTScore-F1 and BLEU-1
+    is set in ``decoder.generation``. Returns every setting's scores and the choice, or None
+    when off (``pipeline.decode_choose=false``, ``decode_samples`` < 2, fewer than 2
+    validation trials).
+    """
+    from fmri2text.data.datasets import split_rows
+    from fmri2text.data.splits import validation_rows
+    from fmri2text.evaluation.metrics import TextScorer
+    from fmri2text.models.generation import choose_answers, generate, mbr_candidates
+    from fmri2text.training.stage1 import CROSSFIT_FILE, load_crossfit, load_targets
+
+    p = cfg.pipeline
+    trials = windows.trials
+    _, val = validation_rows(trials, split_rows(trials, "train"), cfg.split.val_fraction,
+                             cfg.split.seed)
+    if not p.decode_choose or p.decode_samples < 2 or len(val) < 2:
+        return None
+    clips = trials["stim_file"].astype(str).to_numpy()[val]
+    instructions, answers = load_targets(run, cfg.stage1.annotations).text_of(clips)
+    crossfit = Path(run) / "stage1" / CROSSFIT_FILE
+    z = decoder.fmri_tokens(windows.data, val)  # (n_val, L, d)
+    offsets = load_crossfit(crossfit, val)
+    if offsets is not None:  # the linear path as if these trials were not fitted on
+        z = z + offsets.to(z.dtype)
+    semantic = decoder.semantic(windows.data, val, offsets=load_crossfit(crossfit, val, "semantic"))
+    kw = decoder.generation_kwargs()
+    model, tokenizer = decoder.llm()
+    cands = mbr_candidates(model, tokenizer, z, instructions, kw["max_new_tokens"],
+                           greedy=kw["greedy"], seed=kw["seed"], temperature=kw["temperature"],
+                           top_p=kw["top_p"], batch_size=kw["batch_size"],
+                           samples=p.decode_samples, system=kw["system"])
+    # one answer per trial: the greedy answer is each prompt's first candidate
+    settings = {(0, kw["mbr_beta"], 0.0): [next(iter(c)) for c in cands] if kw["greedy"] else
+                generate(model, tokenizer, z, instructions, **{**kw, "samples": 0})}
+    reranks = p.decode_choose_reranks if semantic is not None else [0.0]
+    for beta in p.decode_choose_betas:
+        for weight in reranks:
+            settings[(p.decode_samples, float(beta), float(weight))] = choose_answers(
+                cands, beta, semantic, weight, decoder.embed_texts)
+    scorer = TextScorer(cfg.evaluation)
+    scores = {}
+    for key, texts in settings.items():
+        s = scorer.score(texts, answers)
+        scores[key] = {"bertscore_f1": s["bertscore_f1"], "bleu1": s["bleu1"],
+                       "mean": (s["bertscore_f1"] + s["bleu1"]) / 2}
+    best = max(scores, key=lambda k: scores[k]["mean"])  # ties: the first (one answer)
+    decoder.generation.update(samples=best[0], mbr_beta=best[1], rerank=best[2])
+    name = lambda k: "one answer" if k[0] == 0 else f"MBR-{k[0]} beta {k[1]:g} rerank {k[2]:g}"  # noqa: E731
+    log(f"decode: chose {name(best)} on {len(val)} validation trials (mean of BERTScore-F1 "
+        "and BLEU-1: " + ", ".join(f"{name(k)} {v['mean']:.2f}" for k, v in scores.items()) + ")")
+    return {"n_validation_trials": len(val), "criterion": "mean of bertscore_f1 and bleu1 "
+            "against the teacher's answers",
+            "chosen": {"samples": best[0], "mbr_beta": best[1], "rerank": best[2]},
+            "settings": [{"samples": k[0], "mbr_beta": k[1], "rerank": k[2], **v}
+                         for k, v in scores.items()]}
+
+
 def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = None,
                log: Log = print) -> dict:
     """Decode the held-out subjects' test trials; write predictions, controls and extras.
@@ -156,6 +218,9 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     video2text, cand, distinct = _eval_answers(run, digest, list(test.clips), instruction)
     decoder = Decoder.from_run(run, cfg, feature_mask=windows.feature_mask, grid=windows.grid)
     timings["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    choice = choose_decoding(decoder, windows, run, cfg, log)
+    timings["choose"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pos = np.arange(len(test))
@@ -163,11 +228,14 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     saliency = _saliency(decoder.student, test, pos, p.decode_batch_size)
     instrs = [instruction] * len(test)
     log(f"decode: {len(test)} test trials of {len(set(subjects))} held-out subject(s)")
-    decoded = decoder.generate(z, instrs)
+    semantic = decoder.semantic(windows.data, test_idx)  # (n, d_s) or None
+    decoded = decoder.generate(z, instrs, semantic=semantic)
     timings["decode"] = time.perf_counter() - t
     t = time.perf_counter()
-    z_shuffled = torch.from_numpy(shuffle_within_subject(z.numpy(), subjects, cfg.evaluation.seed))
-    shuffled = decoder.generate(z_shuffled, instrs)
+    # the shuffled control: each trial gets another trial's fMRI (tokens and semantic head)
+    source = shuffle_within_subject(np.arange(len(test)), subjects, cfg.evaluation.seed)
+    shuffled = decoder.generate(z[source], instrs,
+                                semantic=None if semantic is None else semantic[source])
     prior = decoder.generate(None, instrs[:1])[0]
     timings["controls_llm"] = time.perf_counter() - t
 
@@ -195,7 +263,7 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
                                                 Y=x_train.reshape(len(train_idx), -1).numpy())
     z_lin = torch.from_numpy(tok_ridge.predict_embeddings(X[test_idx]).astype(np.float32)
                              ).view(len(test), *x_train.shape[1:])  # (n, L, d)
-    ridge_tokens = decoder.generate(z_lin, instrs)
+    ridge_tokens = decoder.generate(z_lin, instrs, rerank=0.0)  # tokens alone: no semantic head
     timings["ridge_tokens"] = time.perf_counter() - t
 
     row = lambda texts: _rows(trials, test_idx, instruction, video2text, texts, truth)  # noqa: E731
@@ -215,11 +283,12 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     write_bytes(run / "retrieval.npz", buf.getvalue())
     _write_saliency(run, windows, trials, saliency)
     record = {"decoder": "fmri2text", "student": str(student_path),
-              "student_hash": _file_hash(student_path), "teacher_hash": digest,
+              "student_hash": file_hash(student_path), "teacher_hash": digest,
               "instruction": instruction, "n_test_trials": len(test),
               "reference": "video2text" if video2text[0] is not None else "truth",
               "truth_source": truth_source,
               "prompt_only_answer": prior, "generation": decoder.generation_kwargs(),
+              "decoding_choice": choice,
               "mask_sha256": decoder.preprocessing.mask_sha256(),
               "timings_s": {k: round(v, 2) for k, v in timings.items()},
               "pipeline": dataclasses.asdict(p)}

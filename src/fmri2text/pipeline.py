@@ -91,7 +91,11 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "stage2": ("seed", "data", "split", "encoder", "loss", "stage1.annotations", "stage2",
                "teacher.llm", "teacher.llm_dtype", "teacher.system_prompt"),
     "decode": ("seed", "data", "split", "teacher", "baseline", "pipeline", "evaluation.instruction",
-               "evaluation.seed", "stage1.annotations"),
+               "evaluation.seed", "stage1.annotations",
+               # the scorer that chooses the decoding on validation trials (decode_choose)
+               "evaluation.bertscore_model", "evaluation.bertscore_layers",
+               "evaluation.bertscore_idf", "evaluation.bertscore_rescale",
+               "evaluation.bertscore_baseline"),
     "evaluate": ("evaluation",),
     "report": (),
     "export": ("seed", "data", "split", "encoder", "loss", "stage2", "teacher", "pipeline",

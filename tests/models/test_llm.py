@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,7 +156,7 @@ def test_sampled_answers_are_a_seeded_tree_of_counted_draws(sharp):
     def draw(n, temperature, top_p, seed):
         return generation.sample_answers(model, embeds, mask, llm.prefix_cache(model, embeds, P),
                                          6, eos, n, temperature, top_p,
-                                         torch.Generator().manual_seed(seed))
+                                         [torch.Generator().manual_seed(seed + i) for i in range(3)])
 
     greedy = generation.greedy_tokens(model, embeds, mask, llm.prefix_cache(model, embeds, P), 6,
                                       eos, pad)
@@ -189,7 +190,7 @@ def test_tree_sampling_draws_from_the_models_distribution(sharp):
         out = []
         for ids, c in generation.sample_answers(model, embeds, mask,
                                                 llm.prefix_cache(model, embeds, P), 2, eos, n,
-                                                1.5, 1.0, torch.Generator().manual_seed(seed))[0]:
+                                                1.5, 1.0, [torch.Generator().manual_seed(seed)])[0]:
             out += [tuple(ids)] * c
         return out
 
@@ -228,6 +229,25 @@ def test_mbr_choice_is_the_consensus_answer():
     cands = ["a red ball", "a red ball in the sky", "a red ball on the grass"]
     assert generation.mbr_choice(cands, [2, 1, 1]) == "a red ball"
     assert generation.mbr_choice(cands, [2, 1, 1], beta=3.0) != "a red ball"
+    # agreement with the brain's predicted meaning, weighted by rerank, moves the choice
+    agree = [0.1, 0.2, 0.9]
+    assert generation.mbr_choice(cands, [2, 1, 1], 1.0, agree, 0.0) == "a red ball"
+    assert generation.mbr_choice(cands, [2, 1, 1], 1.0, agree, 2.0) == "a red ball on the grass"
+
+
+def test_choose_answers_weighs_candidates_by_their_cosine_with_the_prediction():
+    """choose_answers: plain MBR without a prediction or with rerank 0; with one, each
+    candidate's agreement is the cosine of its embedding with its own prompt's prediction."""
+    from collections import Counter
+
+    vec = {"a red ball": [1.0, 0.0], "a blue ball": [0.0, 1.0], "a ball": [0.6, 0.8]}
+    embed = lambda texts: np.array([vec[t] for t in texts])  # noqa: E731
+    cands = [Counter({"a ball": 3, "a red ball": 1, "a blue ball": 1})] * 2
+    semantic = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    plain = generation.choose_answers(cands, 1.0)
+    assert plain == ["a ball", "a ball"]
+    assert generation.choose_answers(cands, 1.0, semantic, 0.0, embed) == plain
+    assert generation.choose_answers(cands, 1.0, semantic, 4.0, embed) == ["a red ball", "a blue ball"]
 
 
 def test_mbr_generate_returns_one_candidate_per_prompt(sharp):
@@ -240,18 +260,39 @@ def test_mbr_generate_returns_one_candidate_per_prompt(sharp):
     out = generation.generate(model, tok, soft, instr, batch_size=3, **kw)
     assert len(out) == 3 and out == generation.generate(model, tok, soft, instr, batch_size=3, **kw)
     greedy = generation.generate(model, tok, soft, instr, max_new_tokens=6)
-    for i in range(3):
+    for i, seed in enumerate(generation.prompt_seeds(5, soft, instr)):
         embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft[i:i + 1], instr[i:i + 1])
         drawn = generation.sample_answers(model, embeds, mask,
                                           llm.prefix_cache(model, embeds, llm.prefix_length(tok)),
                                           6, tok.eos_token_id, 6, 3.0, 1.0,
-                                          torch.Generator().manual_seed(5))[0]
+                                          [torch.Generator().manual_seed(seed)])[0]
         cands = {greedy[i]: 1}
         for ids, c in drawn:
             t = tok.decode(ids, skip_special_tokens=True).strip()
             cands[t] = cands.get(t, 0) + c
         assert generation.generate(model, tok, soft[i:i + 1], instr[i:i + 1], batch_size=1, **kw)[0] \
             == generation.mbr_choice(list(cands), list(cands.values()), 1.5)
+        # the candidates themselves: greedy answer first, samples + 1 draws counted
+        got = generation.mbr_candidates(model, tok, soft[i:i + 1], instr[i:i + 1], 6, greedy=True,
+                                        seed=5, temperature=3.0, top_p=1.0, batch_size=1,
+                                        samples=6)[0]
+        assert dict(got) == cands and next(iter(got)) == greedy[i] and sum(got.values()) == 7
+    # a prompt's answers do not depend on the prompts decoded with it: other batches, order
+    order = [2, 0, 1]
+    assert [generation.generate(model, tok, soft[order], [instr[j] for j in order],
+                                batch_size=b, **kw) for b in (6, 18)] == [[out[j] for j in order]] * 2
+
+
+def test_prompt_seeds_follow_the_prompt_not_its_bits():
+    """A prompt's seed depends on the seed, its instruction and its tokens, not on the last
+    bits of the tokens (another batch may compute them a little differently)."""
+    z = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    a = generation.prompt_seeds(0, z, ["x", "x"])
+    assert a[0] != a[1]  # other tokens
+    assert generation.prompt_seeds(0, z * (1 + 1e-7), ["x", "x"]) == a
+    assert generation.prompt_seeds(1, z, ["x", "x"]) != a
+    assert generation.prompt_seeds(0, z, ["y", "x"])[0] != a[0]
+    assert generation.prompt_seeds(0, None, ["x"]) == generation.prompt_seeds(0, None, ["x"])
 
 
 def test_unknown_llm_name_is_a_user_error(tmp_path):

@@ -70,9 +70,9 @@ def test_linear_path_starts_at_the_closed_form_ridge(experiment):
     train = TrialWindows(windows, split_rows(windows.trials, "train"))
     test = TrialWindows(windows, split_rows(windows.trials, "test"))
     x_train = targets.tokens_of(train.clips)  # (n, L, d)
-    ridge, index, offsets = fit_linear_path(cfg, train, x_train)
-    student, _ = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, None,
-                               (ridge, index))
+    fit = fit_linear_path(cfg, train, x_train)
+    ridge, offsets = fit.ridge, fit.offsets
+    student, _ = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, None, fit)
     student.eval()
     with torch.no_grad():
         z = student(test.fmri(np.arange(len(test))))  # (n_test, L, d)
@@ -91,6 +91,46 @@ def test_linear_path_starts_at_the_closed_form_ridge(experiment):
     got = ridge.predict_embeddings(feats[held]) + offsets[held].reshape(int(held.sum()), -1).numpy()
     np.testing.assert_allclose(got, fold.predict_embeddings(feats[held]), rtol=1e-4, atol=1e-4)
     assert offsets.abs().max() > 0
+
+
+def test_semantic_head_is_the_sentence_ridge_through_the_same_directions(experiment, tmp_path):
+    """With the trials' answers, the linear path also holds the ridge map to their sentence
+    embeddings (the ridge peer's target) through its own principal directions; its offsets
+    give each trial the prediction of the map fitted without its subject; it survives the
+    student file; without answers (or encoder.semantic_head=false) there is none."""
+    from fmri2text.config import BaselineConfig
+    from fmri2text.data.datasets import TrialWindows, split_rows
+    from fmri2text.evaluation.baselines import RidgeBaseline
+    from fmri2text.training.stage1 import build_student, fit_linear_path, save_student
+
+    windows, targets = experiment
+    cfg = load_config(None, TINY)
+    train = TrialWindows(windows, split_rows(windows.trials, "train"))
+    test = TrialWindows(windows, split_rows(windows.trials, "test"))
+    texts = targets.text_of(train.clips)[1]
+    fit = fit_linear_path(cfg, train, targets.tokens_of(train.clips), texts)
+    student, spec = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, None, fit)
+    feats = windows.data[train.rows].mean(1)
+    e = fit.semantic.embed(texts)
+    exact = RidgeBaseline(cfg.baseline).fit(feats, texts, Y=e, groups=train.subjects,
+                                            max_rank=cfg.encoder.linear_rank)
+    want = exact.predict_embeddings(windows.data[test.rows].mean(1))
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    with torch.no_grad():
+        got = student.linear.semantic(test.fmri(np.arange(len(test))))
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
+    held = train.subjects == train.subjects[0]
+    fold = RidgeBaseline(BaselineConfig(alphas=[exact.alpha_], cv_folds=1)).fit(
+        feats[~held], ["."] * int((~held).sum()), Y=e[~held], max_rank=cfg.encoder.linear_rank)
+    np.testing.assert_allclose(exact.predict_embeddings(feats[held]) + fit.semantic_offsets[held].numpy(),
+                               fold.predict_embeddings(feats[held]), atol=1e-4)
+    save_student(student, tmp_path / "s.safetensors", spec=spec, input_shape=train.input_shape,
+                 d_llm=targets.d_llm, n_tokens=targets.n_tokens, enc=cfg.encoder)
+    again, _ = load_student(tmp_path / "s.safetensors")
+    assert torch.equal(again.linear.sem_weight, student.linear.sem_weight)
+    assert fit_linear_path(cfg, train, targets.tokens_of(train.clips)).semantic is None
+    off = load_config(None, TINY + ["encoder.semantic_head=false"])
+    assert fit_linear_path(off, train, targets.tokens_of(train.clips), texts).semantic is None
 
 
 @pytest.mark.parametrize("train_linear", [False, True])
@@ -112,7 +152,7 @@ def test_stage1_keeps_the_closed_form_linear_path_unless_told(tmp_path, experime
     fit, val = validation_rows(windows.trials, split_rows(windows.trials, "train"),
                                cfg.split.val_fraction, cfg.split.seed)
     labelled = TrialWindows(windows, np.r_[fit, val])
-    ridge, _, _ = fit_linear_path(cfg, labelled, targets.tokens_of(labelled.clips))
+    ridge = fit_linear_path(cfg, labelled, targets.tokens_of(labelled.clips)).ridge
     fitted = torch.as_tensor(ridge.weight_, dtype=torch.float32)
     assert torch.equal(student.linear.weight, fitted) != train_linear
     assert student.projector.out.weight.abs().max() > 0  # the deep path did train (from 0)

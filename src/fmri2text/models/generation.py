@@ -32,7 +32,8 @@ def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructio
              max_new_tokens: int = 32, *, greedy: bool = True, seed: int = 0,
              temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 32,
              soft_scale: float = 1.0, system: str | None = None, samples: int = 0,
-             mbr_beta: float = 1.0) -> list[str]:
+             mbr_beta: float = 1.0, semantic: Tensor | None = None, rerank: float = 0.0,
+             embed=None) -> list[str]:
     """Answer each instruction given its soft tokens, batched from ``inputs_embeds``.
 
     Parameters
@@ -46,19 +47,24 @@ def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructio
         sampling (``temperature``, ``top_p``, seeded), plus greedily when ``greedy``; the
         answer returned is the candidate with the highest expected unigram F-score
         (recall weighted ``mbr_beta`` times precision) against the others
-        (:func:`mbr_choice`). Sampled answers are reproducible for the same prompts, order
-        and ``batch_size``; unlike greedy ones they change when a prompt is decoded in
-        another batch.
+        (:func:`mbr_choice`). Each prompt's samples are seeded by ``seed`` and the prompt
+        itself (:func:`prompt_seeds`), so, like greedy answers, they do not change when a
+        prompt is decoded in another batch or order. (``greedy`` False without
+        ``samples``: one draw per prompt from a generator shared by the batch.)
+    semantic, rerank, embed:
+        With ``samples`` > 1: predicted sentence embeddings (B, d_s), the weight of each
+        candidate's agreement with its prompt's (:func:`choose_answers`) and the sentence
+        encoder (texts → (n, d_s)); ``rerank`` 0: plain MBR.
 
     Returns
     -------
     B answers, stripped of special tokens and surrounding whitespace.
     """
     if samples > 1:
-        return _mbr_generate(model, tokenizer, soft_tokens, instructions, max_new_tokens,
-                             greedy=greedy, seed=seed, temperature=temperature, top_p=top_p,
-                             batch_size=batch_size, soft_scale=soft_scale, system=system,
-                             samples=samples, beta=mbr_beta)
+        return choose_answers(mbr_candidates(
+            model, tokenizer, soft_tokens, instructions, max_new_tokens, greedy=greedy, seed=seed,
+            temperature=temperature, top_p=top_p, batch_size=batch_size, soft_scale=soft_scale,
+            system=system, samples=samples), mbr_beta, semantic, rerank, embed)
     out: list[str] = []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -76,21 +82,23 @@ def generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None, instructio
     return out
 
 
-def _mbr_generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
-                  instructions: list[str], max_new_tokens: int, *, greedy: bool, seed: int,
-                  temperature: float, top_p: float, batch_size: int, soft_scale: float,
-                  system: str | None, samples: int, beta: float) -> list[str]:
-    """:func:`generate` with ``samples`` > 1: candidates per prompt, then the MBR choice.
+@torch.no_grad()
+def mbr_candidates(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
+                   instructions: list[str], max_new_tokens: int, *, greedy: bool, seed: int,
+                   temperature: float, top_p: float, batch_size: int, samples: int,
+                   soft_scale: float = 1.0, system: str | None = None) -> list[Counter]:
+    """The candidate answers of each prompt with how often each was drawn: the greedy
+    answer first (count 1) when ``greedy``, then ``samples`` sampled ones (:func:`generate`
+    with ``samples`` > 1 keeps :func:`mbr_choice` of them).
 
     ``batch_size`` counts answer rows, as in greedy decoding (memory: the rows' keys and
     values): ``batch_size // samples`` prompts, at least one, go together.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    gen = torch.Generator().manual_seed(int(seed))
     prompts = max(1, batch_size // samples)
     prefix = prefix_length(tokenizer, system)
-    out: list[str] = []
+    out: list[Counter] = []
     for start in range(0, len(instructions), prompts):
         sl = slice(start, start + prompts)
         soft = None if soft_tokens is None else soft_tokens[sl]
@@ -102,12 +110,13 @@ def _mbr_generate(model: nn.Module, tokenizer, soft_tokens: Tensor | None,
                                 max_new_tokens, eos, pad)
             for i, t in enumerate(tokenizer.batch_decode(new, skip_special_tokens=True)):
                 cands[i][t.strip()] += 1
+        gens = [torch.Generator().manual_seed(k) for k in prompt_seeds(seed, soft, instructions[sl])]
         drawn = sample_answers(model, embeds, mask, prefix_cache(model, embeds, prefix),
-                               max_new_tokens, eos, samples, temperature, top_p, gen)
+                               max_new_tokens, eos, samples, temperature, top_p, gens)
         for i, answers in enumerate(drawn):
             for ids, count in answers:
                 cands[i][tokenizer.decode(ids, skip_special_tokens=True).strip()] += count
-        out.extend(mbr_choice(list(c), list(c.values()), beta) for c in cands)
+        out.extend(cands)
     return out
 
 
@@ -120,13 +129,17 @@ def _rouge_tokenizer():
 
 
 def mbr_choice(candidates: list[str], weights: list[float] | None = None,
-               beta: float = 1.0) -> str:
+               beta: float = 1.0, agreement: list[float] | None = None,
+               rerank: float = 0.0) -> str:
     """The candidate with the highest expected unigram F-score against the candidates
     (ties: the first): the minimum-Bayes-risk answer under a unigram-overlap utility.
 
     ``weights``: how often each candidate was drawn (default 1 each), so an answer the LLM
     gives often weighs more. ``beta``: the F-score's weight of recall against precision
     (1: ROUGE-1 F). Tokens are rouge-score's (lower case, alphanumeric, Porter-stemmed).
+    ``agreement`` (one per candidate, e.g. the cosine between its sentence embedding and
+    the one the brain predicts) is added ``rerank`` times to the expected F-score (a mean
+    over the draws, in [0, 1]).
     """
     tok = _rouge_tokenizer()
     weights = [1.0] * len(candidates) if weights is None else list(weights)
@@ -141,8 +154,29 @@ def mbr_choice(candidates: list[str], weights: list[float] | None = None,
         p, r = both / sizes[i], both / sizes[j]
         return (1 + b2) * p * r / (b2 * p + r) if both else 0.0
 
-    totals = [sum(w * f(i, j) for j, w in enumerate(weights)) for i in range(len(candidates))]
+    total = sum(weights)
+    totals = [sum(w * f(i, j) for j, w in enumerate(weights)) / total
+              for i in range(len(candidates))]
+    if agreement is not None and rerank:
+        totals = [t + rerank * float(a) for t, a in zip(totals, agreement)]
     return candidates[max(range(len(candidates)), key=totals.__getitem__)]
+
+
+def choose_answers(candidates: list[Counter], beta: float, semantic: Tensor | None = None,
+                   rerank: float = 0.0, embed=None) -> list[str]:
+    """:func:`mbr_choice` of each prompt's candidates (:func:`mbr_candidates`); with
+    ``semantic`` (B, d_s) unit-length predicted sentence embeddings, ``rerank`` > 0 and
+    ``embed`` (texts → (n, d_s) unit-length embeddings), each candidate's agreement is its
+    cosine with its prompt's prediction."""
+    if semantic is None or not rerank or embed is None:
+        return [mbr_choice(list(c), list(c.values()), beta) for c in candidates]
+    texts = sorted({t for c in candidates for t in c})
+    vectors = dict(zip(texts, torch.as_tensor(embed(texts), dtype=torch.float32)))
+    out = []
+    for c, s in zip(candidates, semantic.float()):
+        agreement = [float(vectors[t] @ s) for t in c]
+        out.append(mbr_choice(list(c), list(c.values()), beta, agreement, rerank))
+    return out
 
 
 @torch.no_grad()
@@ -204,7 +238,7 @@ def answer_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tenso
 @torch.no_grad()
 def sample_answers(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, cache,
                    max_new_tokens: int, eos: int | None, samples: int, temperature: float,
-                   top_p: float, generator: torch.Generator | None = None
+                   top_p: float, generators: list[torch.Generator]
                    ) -> list[list[tuple[list[int], int]]]:
     """``samples`` sampled answers per prompt, as (ids, count) of each distinct answer.
 
@@ -212,7 +246,8 @@ def sample_answers(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tens
     that follow it. Each step draws that many next tokens per row (with replacement, from
     the row's nucleus) and splits the row by the tokens drawn; rows whose token is ``eos``
     (kept in the ids, as the greedy path keeps it) end. Counts of a prompt always sum to
-    ``samples``.
+    ``samples``. ``generators``: one per prompt, which alone draws that prompt's tokens, so
+    a prompt's answers do not depend on the prompts batched with it (:func:`prompt_seeds`).
     """
     cache, logits, pos = _prompt_step(model, inputs_embeds, attention_mask, cache)
     B = inputs_embeds.shape[0]
@@ -226,8 +261,7 @@ def sample_answers(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tens
     for step in range(max_new_tokens):
         p, idx = _nucleus(logits, temperature, top_p)  # (R, k), zero outside each nucleus
         parent = torch.repeat_interleave(torch.arange(len(count), device=dev), count)  # (N,)
-        pick = torch.multinomial(p[parent], 1, generator=generator).squeeze(1)  # (N,)
-        token = idx[parent, pick]
+        token = _draw(p, idx, parent, prompt[parent], generators)  # (N,)
         key, n = torch.unique(parent * V + token, return_counts=True)  # sorted: deterministic
         parent, token = key // V, key % V  # (R',) one row per distinct (prefix, token)
         hist = torch.cat([hist[parent], token[:, None]], 1)
@@ -248,6 +282,48 @@ def sample_answers(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tens
                     position_ids=last[:, None], cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
     return done
+
+
+def _draw(p: Tensor, idx: Tensor, parent: Tensor, owner: Tensor,
+          generators: list[torch.Generator]) -> Tensor:
+    """(N,) token ids, draw n from row ``parent[n]``'s nucleus ``p``/``idx`` (R, k), with
+    the generator of its prompt ``owner[n]``. Draws are grouped by prompt (rows stay in
+    prompt order); each prompt's draws see only its rows' own nucleus width, so what it
+    draws does not depend on the other prompts of the batch."""
+    token = torch.empty(len(parent), dtype=torch.long, device=p.device)
+    bounds = torch.searchsorted(owner, torch.arange(len(generators) + 1, device=owner.device))
+    for b, gen in enumerate(generators):
+        lo, hi = int(bounds[b]), int(bounds[b + 1])
+        if lo == hi:  # this prompt's answers have all ended
+            continue
+        rows = parent[lo:hi]
+        width = int((p[rows] > 0).sum(-1).max())
+        pick = torch.multinomial(p[rows, :width], 1, replacement=True, generator=gen)
+        token[lo:hi] = idx[rows, pick.squeeze(1)]
+    return token
+
+
+def prompt_seeds(seed: int, soft_tokens: Tensor | None, instructions: list[str]) -> list[int]:
+    """One sampling seed per prompt, from ``seed``, its instruction and its soft tokens:
+    a trial's sampled answers are the same whichever trials it is decoded with.
+
+    The tokens enter through their absolute and squared sums rounded to 0.01, not their
+    bytes: a trial's tokens computed in another batch may differ in the last bits, which
+    should not change its seed (a plain sum would not do: normalised tokens sum to ~0, whose
+    sign is noise).
+    """
+    import hashlib
+
+    out = []
+    for i, text in enumerate(instructions):
+        if soft_tokens is None:
+            mark = "none"
+        else:
+            z = soft_tokens[i].double()
+            mark = f"{float(z.abs().sum()):.2f}|{float(z.pow(2).sum()):.2f}"
+        digest = hashlib.sha256(f"{int(seed)}|{text}|{mark}".encode()).digest()
+        out.append(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return out
 
 
 def _nucleus(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,12 @@ through the leading principal directions of the training responses. The deep pat
 residual to it: its last layer starts at zero, so an untrained student *is* the ridge map
 and training can only start from there.
 
+The linear path may also hold a semantic head (:meth:`LinearPath.semantic`): ridge from the
+same principal components to the sentence embedding (all-MiniLM-L6-v2) of the teacher's
+answer — the `ridge` peer's map. It never feeds the LLM; decoding uses it to choose among the
+LLM's own sampled answers the one whose meaning agrees with the brain's
+(:func:`fmri2text.models.generation.mbr_choice`).
+
 Trainable in Stage I (paper): tokenizer, adaptors, projector (and the linear path's
 weights); the encoder base is frozen.
 """
@@ -78,10 +84,16 @@ class LinearPath(nn.Module):
     index : (F,) positions of the brain's features in the flattened input volume.
     rank : r, the number of principal directions kept.
     n_tokens, dim : L and d of the output.
+    semantic_dim : width of the semantic head (0: none); its weights are fixed buffers.
     """
 
-    def __init__(self, index: torch.Tensor, rank: int, n_tokens: int, dim: int):
+    def __init__(self, index: torch.Tensor, rank: int, n_tokens: int, dim: int,
+                 semantic_dim: int = 0):
         super().__init__()
+        self.semantic_dim = int(semantic_dim)
+        if self.semantic_dim:
+            self.register_buffer("sem_weight", torch.zeros(rank, self.semantic_dim))
+            self.register_buffer("sem_bias", torch.zeros(self.semantic_dim))
         n = int(index.numel())
         self.n_tokens, self.dim = n_tokens, dim
         self.register_buffer("index", torch.as_tensor(index, dtype=torch.long).reshape(-1))
@@ -105,6 +117,27 @@ class LinearPath(nn.Module):
         h = self.components(x)  # (B, r)
         z = self.gain * (h @ self.weight.float()) + self.bias.float()  # (B, L*d)
         return z.view(-1, self.n_tokens, self.dim)
+
+    def semantic(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, …) → (B, semantic_dim): the predicted sentence embedding, unit length.
+        ``offset`` (B, d_s): cross-fitting offsets (Stage I), added before normalising."""
+        if not self.semantic_dim:
+            raise ValueError("this linear path has no semantic head")
+        s = self.components(x) @ self.sem_weight + self.sem_bias  # (B, d_s)
+        return F.normalize(s if offset is None else s + offset.to(s.dtype), dim=-1)
+
+    @torch.no_grad()
+    def load_semantic(self, ridge) -> None:
+        """Copy a fitted ridge map to sentence embeddings whose principal directions are this
+        path's (the same features and rank as :meth:`load_ridge`'s map) into the head."""
+        if not self.semantic_dim or ridge.weight_.shape != tuple(self.sem_weight.shape):
+            raise ValueError(f"ridge map {ridge.weight_.shape} does not fit the semantic head "
+                             f"{(self.rank, self.semantic_dim)}")
+        basis = torch.as_tensor(ridge.basis_, dtype=torch.float32)
+        if not torch.allclose(basis, self.basis, atol=1e-4):
+            raise ValueError("the semantic map was fitted in other principal directions")
+        self.sem_weight.copy_(torch.as_tensor(ridge.weight_, dtype=torch.float32))
+        self.sem_bias.copy_(torch.as_tensor(ridge.intercept_, dtype=torch.float32))
 
     @torch.no_grad()
     def load_ridge(self, ridge) -> None:
@@ -138,12 +171,14 @@ class Student(nn.Module):
                  linear: tuple[torch.Tensor, int] | None = None) -> "Student":
         """Reuse a (pretrained) MBM model's tokenizer and encoder; its decoder is dropped.
 
-        ``linear``: (feature index (F,), rank) of a :class:`LinearPath`, or None for none.
+        ``linear``: (feature index (F,), rank[, semantic width]) of a :class:`LinearPath`,
+        or None for none.
         """
         cfg = cfg or EncoderConfig()
         proj = Projector(mae.spec.embed_dim, d_llm, n_tokens, cfg.projector_dim,
                          cfg.projector_heads)
-        path = None if linear is None else LinearPath(linear[0], linear[1], n_tokens, d_llm)
+        path = None if linear is None else LinearPath(linear[0], linear[1], n_tokens, d_llm,
+                                                      *linear[2:])
         return cls(mae.tokenizer, mae.encoder, proj, path)
 
     @classmethod

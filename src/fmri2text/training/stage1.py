@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def save_student(student: Student, path: Path, *, spec: EncoderSpec, input_shape
                  d_llm: int, n_tokens: int, enc: EncoderConfig, extra: dict | None = None) -> None:
     """Write every student tensor plus what :func:`load_student` needs to rebuild it."""
     linear = None if student.linear is None else [int(student.linear.index.numel()),
-                                                   student.linear.rank]
+                                                   student.linear.rank, student.linear.semantic_dim]
     meta = {"format": "fmri2text-student", "input_shape": json.dumps(list(input_shape)),
             "d_llm": str(d_llm), "n_tokens": str(n_tokens), "linear": json.dumps(linear),
             "spec": json.dumps(dataclasses.asdict(spec)),
@@ -60,28 +60,35 @@ def save_student(student: Student, path: Path, *, spec: EncoderSpec, input_shape
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def save_crossfit(path: Path, offsets: torch.Tensor, rows: np.ndarray) -> None:
-    """Write the cross-fitting offsets (n, L, d) with the trial-table rows they belong to."""
+def save_crossfit(path: Path, offsets: torch.Tensor, rows: np.ndarray,
+                  semantic: torch.Tensor | None = None) -> None:
+    """Write the cross-fitting offsets (n, L, d) — and the semantic head's (n, d_s) — with
+    the trial-table rows they belong to."""
+    tensors = {"offsets": offsets.contiguous(), "rows": torch.as_tensor(rows, dtype=torch.long)}
+    if semantic is not None:
+        tensors["semantic"] = semantic.contiguous()
     with atomic_path(path) as tmp:
-        save_file({"offsets": offsets.contiguous(), "rows": torch.as_tensor(rows, dtype=torch.long)},
-                  str(tmp))
+        save_file(tensors, str(tmp))
 
 
-def load_crossfit(path: Path, rows: np.ndarray) -> torch.Tensor | None:
+def load_crossfit(path: Path, rows: np.ndarray, key: str = "offsets") -> torch.Tensor | None:
     """The offsets (len(rows), L, d) of trial-table ``rows`` from :func:`save_crossfit`'s
-    file; None when the file is absent (a student without a linear path)."""
+    file (``key='semantic'``: the semantic head's, (len(rows), d_s)); None when the file or
+    the key is absent (a student without a linear path or a semantic head)."""
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         return None
     saved = load_file(str(path))
+    if key not in saved:
+        return None
     where = {int(r): i for i, r in enumerate(saved["rows"].tolist())}
     missing = [int(r) for r in rows if int(r) not in where]
     if missing:
         raise UserError(f"the Stage I cross-fitting offsets have no row for {len(missing)} "
                         "training trial(s)", path=path,
                         fix="rerun fmri2text train stage1 on this data and split")
-    return saved["offsets"][torch.as_tensor([where[int(r)] for r in rows], dtype=torch.long)]
+    return saved[key][torch.as_tensor([where[int(r)] for r in rows], dtype=torch.long)]
 
 
 def load_student(path: str | Path) -> tuple[Student, dict]:
@@ -106,7 +113,8 @@ def load_student(path: str | Path) -> tuple[Student, dict]:
     except (KeyError, ValueError, TypeError, OSError) as err:
         raise UserError(f"not an fmri2text student file ({err})", path=path,
                         fix="pass the student.safetensors written by fmri2text train stage1") from None
-    lin = None if linear is None else (torch.zeros(int(linear[0]), dtype=torch.long), int(linear[1]))
+    lin = None if linear is None else (torch.zeros(int(linear[0]), dtype=torch.long),
+                                       *[int(v) for v in linear[1:]])  # rank[, semantic width]
     student = Student.from_mae(BrainMAE(EncoderSpec(**spec_d), input_shape), d_llm, n_tokens, enc,
                                lin)
     student.add_adapters(enc.adapter_rank, enc.adapter_scale)
@@ -135,8 +143,8 @@ def mbm_path(run_dir: Path, setting: str) -> Path | None:
 def build_student(cfg: Config, input_shape: tuple[int, ...], d_llm: int, n_tokens: int,
                   mbm: Path | None, linear=None) -> tuple[Student, EncoderSpec]:
     """A student with adaptors (and its encoder spec); the encoder from the MBM checkpoint
-    when given; with ``linear`` (a fitted :class:`RidgeBaseline` and the feature index),
-    the linear path starts at that closed-form map."""
+    when given; with ``linear`` (:func:`fit_linear_path`'s :class:`LinearFit`), the linear
+    path starts at that closed-form map (and its semantic head holds the semantic map)."""
     torch.manual_seed(cfg.stage1.seed)
     if mbm is not None:
         mae = load_mae(mbm)
@@ -149,19 +157,38 @@ def build_student(cfg: Config, input_shape: tuple[int, ...], d_llm: int, n_token
     else:
         spec = spec_from_config(cfg.encoder)
         mae = BrainMAE(spec, input_shape)
-    path = None if linear is None else (linear[1], int(linear[0].weight_.shape[0]))  # (index, r)
+    sem = None if linear is None else linear.semantic
+    path = None if linear is None else (linear.index, int(linear.ridge.weight_.shape[0]),
+                                        0 if sem is None else int(sem.weight_.shape[1]))
     student = Student.from_mae(mae, d_llm, n_tokens, cfg.encoder, path)
     if linear is not None:
-        student.linear.load_ridge(linear[0])
+        student.linear.load_ridge(linear.ridge)
+        if sem is not None:
+            student.linear.load_semantic(sem)
     student.add_adapters(cfg.encoder.adapter_rank, cfg.encoder.adapter_scale)
     return student, spec
 
 
-def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor):
+class LinearFit(NamedTuple):
+    """:func:`fit_linear_path`'s result."""
+
+    ridge: Any  # RidgeBaseline: mean response -> flattened tokens
+    index: torch.Tensor  # (F,) the features' positions in the student's input
+    offsets: torch.Tensor  # (n, L, d) cross-fitting offsets of the tokens
+    semantic: Any = None  # RidgeBaseline: the same components -> sentence embedding, or None
+    semantic_offsets: torch.Tensor | None = None  # (n, d_s) its cross-fitting offsets
+
+
+def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor,
+                    texts: list[str] | None = None) -> LinearFit | None:
     """Closed-form ridge from the training trials' mean response to their flattened video
     tokens (penalty chosen by cross-validation across training subjects), the feature
     index of the student's input, and the trials' cross-fitting offsets
     (:func:`crossfit_offsets`, (n, L, d)); None when ``encoder.linear_rank`` is 0.
+
+    With ``texts`` (each trial's teacher answer) and ``encoder.semantic_head``, also the
+    semantic head's map: ridge from the same features, through the same principal
+    directions, to the answers' sentence embeddings, with its own penalty and offsets.
 
     ``train`` holds every labelled trial of the training subjects, validation trials too:
     the stages add the offsets, so what they fit and validate on is each trial's prediction
@@ -177,7 +204,13 @@ def fit_linear_path(cfg: Config, train: TrialWindows, x_train: torch.Tensor):
                                             max_rank=cfg.encoder.linear_rank)
     index = train.crop.index if train.crop is not None else torch.arange(feats.shape[1])
     offsets = crossfit_offsets(cfg, feats, y, train.subjects, ridge)
-    return ridge, index, offsets.view(x_train.shape)
+    sem = sem_offsets = None
+    if texts is not None and cfg.encoder.semantic_head:
+        sem = RidgeBaseline(cfg.baseline)
+        e = sem.embed(texts)  # (n, d_s) unit-norm sentence embeddings
+        sem.fit(feats, texts, Y=e, groups=train.subjects, max_rank=cfg.encoder.linear_rank)
+        sem_offsets = crossfit_offsets(cfg, feats, e, train.subjects, sem)
+    return LinearFit(ridge, index, offsets.view(x_train.shape), sem, sem_offsets)
 
 
 def crossfit_offsets(cfg: Config, feats: np.ndarray, y: np.ndarray, subjects: np.ndarray,
@@ -330,16 +363,18 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     x_train = targets.tokens_of(train.clips)  # (n_train, L, d); raises if a clip is missing
     mbm = mbm_path(run_dir, s1.mbm_checkpoint)
     labelled = TrialWindows(windows, np.r_[train.rows, val.rows])  # fit rows, then validation
-    linear = fit_linear_path(cfg, labelled, torch.cat([x_train, targets.tokens_of(val.clips)]))
+    linear = fit_linear_path(cfg, labelled, torch.cat([x_train, targets.tokens_of(val.clips)]),
+                             targets.text_of(labelled.clips)[1])
     student, spec = build_student(cfg, train.input_shape, targets.d_llm, targets.n_tokens, mbm,
                                   linear)
     if student.linear is not None and not s1.train_linear:  # the closed-form map stays as fitted
         student.linear.requires_grad_(False)
     offsets = val_offsets = None
     if linear is not None:  # (n_train + n_val, L, d)
-        offsets, val_offsets = linear[2][:len(train)], linear[2][len(train):]
+        offsets, val_offsets = linear.offsets[:len(train)], linear.offsets[len(train):]
         if main:
-            save_crossfit(stage_dir / CROSSFIT_FILE, linear[2], labelled.rows)
+            save_crossfit(stage_dir / CROSSFIT_FILE, linear.offsets, labelled.rows,
+                          linear.semantic_offsets)
     model = AlignModel(student, alignment_loss_from_config(cfg.loss))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"stage1: {len(train)} train trials (+{len(val)} to validate), {len(test)} held-out "
