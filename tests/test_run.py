@@ -105,6 +105,9 @@ def test_run_writes_the_contract(finished_run):
     assert json.loads((out / "steps.json").read_text())["annotate"]["health"] == health
     assert "Degenerate teacher" in html and "distinct answer" in html
     assert m["truth_source"] == "captions" and "Truth" in html
+    # how the test trials were decoded, and that the choice was made on validation trials
+    assert m["decoding"]["chosen_on_validation"] and m["decoding"]["text"] in html
+    assert "validation trials" in m["decoding"]["text"]
     out_health = m["output_health"]["fmri2text"]["subjects"]["sub-03"]
     assert out_health["n"] == len(rows) and 0 <= out_health["prior_share"] <= 1
     assert set(m["output_health"]) == {"fmri2text", "shuffled", "ridge", "ridge_tokens"}

@@ -349,6 +349,22 @@ def read_run_outputs(run: Path) -> tuple[list[dict], dict[str, list[dict]], dict
     return predictions, controls, retrieval
 
 
+def decoding_summary(record: dict) -> dict:
+    """How the test trials were decoded, from ``decode.json``: the generation settings that
+    matter and, when it was chosen on validation trials, on how many and among what."""
+    g = record.get("generation") or {}
+    samples = int(g.get("samples", 0) or 0)
+    text = ("greedy" if g.get("greedy", True) else "sampled") if samples < 2 else (
+        f"MBR over {samples} samples (beta {g.get('mbr_beta', 1.0):g}, semantic rerank "
+        f"{g.get('rerank', 0.0):g})")
+    choice = record.get("decoding_choice")
+    if choice:
+        text += (f", chosen on {choice['n_validation_trials']} validation trials of the training "
+                 f"subjects among {len(choice['settings'])} settings")
+    return {"text": text, "samples": samples, "mbr_beta": g.get("mbr_beta"),
+            "rerank": g.get("rerank"), "chosen_on_validation": bool(choice)}
+
+
 def run_evaluate(run: Path, cfg: Config, log: Log = print) -> dict:
     """Score predictions + controls (+ retrieval) into ``RUN/metrics.json``; return it."""
     from fmri2text.evaluation.evaluate import evaluate
@@ -364,8 +380,9 @@ def run_evaluate(run: Path, cfg: Config, log: Log = print) -> dict:
         info = json.loads(record.read_text(encoding="utf-8"))
         metrics["decoder"] = info.get("decoder", "fmri2text")
         metrics["truth_source"] = info.get("truth_source")
+        metrics["decoding"] = decoding_summary(info)
     except (OSError, ValueError, AttributeError):
-        metrics["decoder"], metrics["truth_source"] = "fmri2text", None
+        metrics["decoder"], metrics["truth_source"], metrics["decoding"] = "fmri2text", None, None
     from fmri2text.health import HEALTH_FILE
 
     try:  # written by annotate; absent for runs decoded with an outside student

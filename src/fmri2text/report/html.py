@@ -397,8 +397,9 @@ def health_context(data: dict) -> dict:
                          f"({fmt(100 * m['distinct_fraction']) if 'distinct_fraction' in m else '–'} %)"
                          + (f", {fmt(100 * m['prior_share'])} % the prompt-only answer"
                             if "prior_share" in m else "")))
+    decoding = data.get("decoding") if isinstance(data.get("decoding"), dict) else {}
     return {"teacher_problems": problems, "truth_source": str(data.get("truth_source") or "–"),
-            "output_health": rows}
+            "output_health": rows, "decoding": str(decoding.get("text") or "–")}
 
 
 def _permutation_note(data: dict) -> str:
