@@ -378,15 +378,18 @@ class Decoder:
     def fmri_tokens(self, data: np.ndarray, rows: Sequence[int] | None = None,
                     batch_size: int | None = None) -> torch.Tensor:
         """Student output Z (n, L, d_llm) float32 for windows ``data[rows]`` (n, T, F)."""
+        out = [self.student(x).float().cpu() for _, x in self._inputs(data, rows, batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.n_tokens, self.d_llm)
+
+    def _inputs(self, data: np.ndarray, rows: Sequence[int] | None, batch_size: int | None):
+        """(start, x) per batch of windows ``data[rows]``: x the student's input on its device,
+        (B, T, X', Y', Z') or (B, T, V)."""
         rows = np.arange(len(data)) if rows is None else np.asarray(rows)
         b = int(batch_size or self.generation["batch_size"])
         crop = self.preprocessing.crop
-        out = []
         for s in range(0, len(rows), b):
             x = torch.from_numpy(np.asarray(data[rows[s:s + b]], dtype=np.float32))  # (B, T, F)
-            x = crop(x) if crop is not None else x  # (B, T, X', Y', Z') or (B, T, V)
-            out.append(self.student(x.to(self.device)).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.n_tokens, self.d_llm)
+            yield s, (crop(x) if crop is not None else x).to(self.device)
 
     def embed(self, bold, events: str | Path | None = None, onsets: Sequence[float] | None = None,
               *, pooled: bool = True, tr: float | None = None,
@@ -439,15 +442,11 @@ class Decoder:
         linear = self.student.linear
         if linear is None or not linear.semantic_dim:
             return None
-        rows = np.arange(len(data)) if rows is None else np.asarray(rows)
-        b = int(batch_size or self.generation["batch_size"])
         out = []
         with torch.no_grad():
-            for s in range(0, len(rows), b):
-                x = torch.from_numpy(np.asarray(data[rows[s:s + b]], dtype=np.float32))
-                x = self.preprocessing.crop(x) if self.preprocessing.crop is not None else x
-                off = None if offsets is None else offsets[s:s + b].to(self.device)
-                out.append(linear.semantic(x.to(self.device), off).float().cpu())
+            for s, x in self._inputs(data, rows, batch_size):
+                off = None if offsets is None else offsets[s:s + len(x)].to(self.device)
+                out.append(linear.semantic(x, off).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, linear.semantic_dim)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -461,7 +460,7 @@ class Decoder:
         new = sorted({t for t in texts if t not in seen})
         if new:
             seen.update(zip(new, np.asarray(encoder.encode(new), dtype=np.float32)))
-        return np.stack([seen[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+        return np.stack([seen[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
 
     def generate(self, z: torch.Tensor | None, instructions: list[str],
                  batch_size: int | None = None, semantic: torch.Tensor | None = None,

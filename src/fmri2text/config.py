@@ -572,7 +572,7 @@ def validate(cfg: Config, source: Any = None) -> None:
          "a non-empty list of positive numbers, e.g. [1.0, 1.5, 2.0]"),
         (p.decode_rerank >= 0, "pipeline.decode_rerank", p.decode_rerank,
          "0 (plain MBR) or positive, e.g. 2.0"),
-        (len(p.decode_choose_reranks) > 0 and min(p.decode_choose_reranks, default=0) >= 0,
+        (min(p.decode_choose_reranks, default=-1) >= 0,
          "pipeline.decode_choose_reranks", p.decode_choose_reranks,
          "a non-empty list of numbers >= 0, e.g. [0.0, 1.0, 2.0, 4.0]"),
     ]

@@ -16,6 +16,7 @@ distribution as ``samples`` independent ones.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections import Counter
 
 import torch
@@ -312,8 +313,6 @@ def prompt_seeds(seed: int, soft_tokens: Tensor | None, instructions: list[str])
     should not change its seed (a plain sum would not do: normalised tokens sum to ~0, whose
     sign is noise).
     """
-    import hashlib
-
     out = []
     for i, text in enumerate(instructions):
         if soft_tokens is None:
