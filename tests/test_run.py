@@ -389,3 +389,98 @@ def test_annotate_refuses_a_corrupt_clip(tmp_path, finished_run, tiny_llm_dir):
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr and broken.name in r.stderr.replace("\n", "")
     assert "fix:" in r.stderr
+
+
+# ----------------------------------------------------------------------------- HAD's real layout
+
+
+def _had_tree(src: Path, root: Path, uniform: bool) -> int:
+    """HAD's real top-level files and the run-01 events and sidecars of its four subjects
+    (../shared/data/had-metadata), with tiny NIfTIs and a 2 s mp4 for every clip they show:
+    flat grey (``uniform``) or a colour pattern moving its own way. Returns the clip count."""
+    import nibabel as nib
+    import numpy as np
+
+    from fmri2text.simulate.stimuli import encode_mp4
+
+    root.mkdir(parents=True)
+    for f in src.glob("*.json"):
+        (root / f.name).write_bytes(f.read_bytes())
+    clips: set[str] = set()
+    for k, events in enumerate(sorted(src.glob("sub-*/ses-*/func/*_run-01_events.tsv"))):
+        func = root / events.relative_to(src).parent
+        func.mkdir(parents=True, exist_ok=True)
+        for f in (events, events.with_name(events.name.replace("_events.tsv", "_bold.json"))):
+            (func / f.name).write_bytes(f.read_bytes())
+        rng = np.random.default_rng(k)  # 156 volumes of 2 s, as HAD's runs
+        vol = np.zeros((8, 8, 6, 156), np.int16)
+        vol[1:-1, 1:-1, 1:-1] = 1000 + 20 * rng.standard_normal((6, 6, 4, 156))
+        img = nib.Nifti1Image(vol, np.diag([4.0, 4.0, 4.0, 1.0]))
+        img.header.set_zooms((4.0, 4.0, 4.0, 2.0))
+        nib.save(img, func / events.name.replace("_events.tsv", "_bold.nii.gz"))
+        clips |= set(pd.read_csv(events, sep="\t")["stim_file"].astype(str))
+    for i, name in enumerate(sorted(clips)):
+        frames = np.full((8, 32, 32, 3), 128, np.uint8)
+        if not uniform:  # a random 8 x 8 colour pattern of its own, rolling its own way
+            r = np.random.default_rng(i)
+            pattern = r.integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+            (dy, dx) = r.integers(-2, 3, 2)
+            frames[:] = [np.roll(pattern, (dy * t, dx * t), (0, 1)) for t in range(8)]
+        path = root / "stimuli" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_mp4(frames, 4))
+    return len(clips)
+
+
+def test_had_layout_end_to_end(shared_data, tmp_path, finished_run, tiny_llm_dir):
+    """HAD's real events and sidecars (optional reference data), tiny images, the tiny
+    world's teacher checkpoint: uniform clips stop the run at annotate (exit 2, the
+    distinct-answer count named, nothing trained); clips that differ run to the end, with
+    the class name as the truth (HAD has no captions)."""
+    import yaml
+
+    out, _, _ = finished_run
+    teacher = tmp_path / "teacher.safetensors"  # a copy: the module's run stays as it is
+    for name in (teacher.name, "teacher_eval.json"):  # the checkpoint and its own scores
+        (tmp_path / name).write_bytes((out / "teacher" / name).read_bytes())
+    tiny = yaml.safe_load(Path(TINY[1]).read_text())
+    tiny.pop("simulate")
+    had = yaml.safe_load((Path(TINY[1]).parent / "had.yaml").read_text())
+    for section, values in had.items():
+        tiny[section] = {**tiny.get(section, {}), **values}
+    tiny["split"]["n_heldout"] = 1
+    tiny["pipeline"]["allow_degenerate_teacher"] = False
+    config = tmp_path / "had-tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny))
+    args = ["--config", config, f"teacher.llm={tiny_llm_dir}",
+            f"pipeline.teacher_checkpoint={teacher}"]
+
+    grey = tmp_path / "grey"
+    assert _had_tree(shared_data / "had-metadata", grey, uniform=True) == 240
+    r = cli("run", "--bids", grey, "--out", tmp_path / "grey-run", *args)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "distinct answer(s) for" in r.stderr and "nearly identical" in r.stderr
+    assert "annotate: running" in r.stdout and "stage1: running" not in r.stdout
+    health = json.loads((tmp_path / "grey-run" / "teacher_health.json").read_text())
+    assert health["degenerate"] and health["training"]["token_cosine"] > 0.995
+    assert not (tmp_path / "grey-run" / "stage1").exists()
+
+    moving = tmp_path / "moving"
+    _had_tree(shared_data / "had-metadata", moving, uniform=False)
+    run = tmp_path / "moving-run"
+    # the tiny random LLM's teacher is degenerate whatever the clips (configs/tiny.yaml):
+    # go on knowingly; its tokens still tell these clips apart more than the grey ones
+    r = cli("run", "--bids", moving, "--out", run, *args, "pipeline.allow_degenerate_teacher=true")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    moved = json.loads((run / "teacher_health.json").read_text())
+    assert moved["training"]["token_cosine"] < health["training"]["token_cosine"] - 1e-4
+    m = json.loads((run / "metrics.json").read_text())
+    assert list(m["subjects"]) == ["sub-24"] and m["n_test_trials"] > 0
+    assert m["truth_source"] == "class names (template '{class_name}')"  # HAD has no captions
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    listed = (shared_data / "had-metadata" / "stimuli-list.txt").read_text().splitlines()
+    names = {line.split("/")[0] for line in listed}
+    assert all(row["truth"] and row["truth"][0] in names for row in rows)  # HAD's class names
+    assert {"bertscore_f1", "bleu1"} <= set(m["vs_truth"]["subjects"]["sub-24"])
+    assert m["teacher_health"]["degenerate"] and m["teacher_health"]["overridden"]
+    assert "Degenerate teacher" in (run / "report.html").read_text()
