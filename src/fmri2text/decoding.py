@@ -150,10 +150,9 @@ def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) 
     clips = trials["stim_file"].astype(str).to_numpy()[val]
     instructions, answers = load_targets(run, cfg.stage1.annotations).text_of(clips)
     crossfit = Path(run) / "stage1" / CROSSFIT_FILE
-    z = decoder.fmri_tokens(windows.data, val)  # (n_val, L, d)
-    offsets = load_crossfit(crossfit, val)
-    if offsets is not None:  # the linear path as if these trials were not fitted on
-        z = z + offsets.to(z.dtype)
+    # (n_val, L, d): the linear path as if these trials were not fitted on
+    z = decoder.student.cross_fitted(decoder.fmri_tokens(windows.data, val),
+                                     load_crossfit(crossfit, val))
     semantic = decoder.semantic(windows.data, val, offsets=load_crossfit(crossfit, val, "semantic"))
     kw = decoder.generation_kwargs()
     model, tokenizer = decoder.llm()

@@ -91,6 +91,15 @@ def test_linear_path_starts_at_the_closed_form_ridge(experiment):
     got = ridge.predict_embeddings(feats[held]) + offsets[held].reshape(int(held.sum()), -1).numpy()
     np.testing.assert_allclose(got, fold.predict_embeddings(feats[held]), rtol=1e-4, atol=1e-4)
     assert offsets.abs().max() > 0
+    # at gain g the offsets scale too: a fitted-on trial gets the held-out map's prediction
+    # with its deviation from the mean token times g, as a new subject's prediction is
+    student.linear.gain.fill_(1.75)
+    with torch.no_grad():
+        z_held = student.cross_fitted(student(train.fmri(np.flatnonzero(held))), offsets[held])
+    bias = student.linear.bias.detach().numpy()
+    want = bias + 1.75 * (fold.predict_embeddings(feats[held]) - bias)
+    np.testing.assert_allclose(z_held.reshape(int(held.sum()), -1).numpy(), want, rtol=1e-4, atol=1e-4)
+    assert student.cross_fitted(z_held, None) is z_held
 
 
 def test_semantic_head_is_the_sentence_ridge_through_the_same_directions(experiment, tmp_path):

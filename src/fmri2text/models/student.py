@@ -215,6 +215,18 @@ class Student(nn.Module):
         z = self.projector(self.encode_tokens(x))  # (B, L, d_llm)
         return z if self.linear is None else z + self.linear(x).to(z.dtype)
 
+    def cross_fitted(self, z: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """Z (B, L, d) of trials the linear path was fitted on, as a new subject's would be:
+        plus their cross-fitting offsets (Stage I's, the leave-their-subject-out minus the
+        in-sample prediction, fitted at gain 1) times the path's gain, since the offsets are
+        differences of predicted deviations and the gain scales those. Without the gain, a
+        trial at gain g would get (g − 1) × its in-sample deviation + its held-out one: inputs
+        cleaner than a new subject's, which favoured large gains on validation."""
+        if offset is None:
+            return z
+        gain = self.linear.gain if self.linear is not None else 1.0
+        return z + (gain * offset.to(device=z.device, dtype=torch.float32)).to(z.dtype)
+
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, L2-normalised Z (B, d_llm), e.g. for retrieval."""
         return F.normalize(self(x).mean(dim=1), dim=-1)

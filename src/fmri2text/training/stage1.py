@@ -323,8 +323,7 @@ class AlignModel(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """fmri (B, T, X, Y, Z); x (B, L, d); offset (B, L, d) cross-fitting offsets of the
         linear path (:func:`crossfit_offsets`) or None → {clip, l2, l1, l2l1, total}."""
-        z = self.student(fmri)
-        return self.loss(z if offset is None else z + offset.to(z.dtype), x)
+        return self.loss(self.student.cross_fitted(self.student(fmri), offset), x)
 
 
 def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: bool = False,

@@ -152,9 +152,7 @@ class BridgeModel(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """Loss terms {ce, [source_ce, nc, es, da], total} of one step; ``src_offset``
         (B, L, d): the linear path's cross-fitting offsets of the source trials."""
-        z = self.student(src_fmri)  # (B, L, d)
-        if src_offset is not None:
-            z = z + src_offset.to(z.dtype)
+        z = self.student.cross_fitted(self.student(src_fmri), src_offset)  # (B, L, d)
         logits, labels = self.answer_logits(z, instructions, answers)
         if self.loss.dance is None:
             return self.loss(logits, labels)
@@ -179,9 +177,8 @@ def heldout_ce(model: BridgeModel, data: TrialWindows, targets: ClipTargets, bat
     for s in range(0, len(chosen), batch_size):
         pos = chosen[s:s + batch_size]
         instr, ans = targets.text_of(data.clips[pos])
-        z = model.student(data.fmri(pos))
-        if offsets is not None:
-            z = z + offsets[pos].to(z.dtype)
+        z = model.student.cross_fitted(model.student(data.fmri(pos)),
+                                       None if offsets is None else offsets[pos])
         logits, labels = model.answer_logits(z, instr, ans)
         lab = labels[:, 1:]
         keep = lab != -100
