@@ -35,6 +35,10 @@ def test_identical_answers_and_tokens_are_degenerate():
     h = teacher_health({"training": same}, EVAL, PipelineConfig())
     assert h["degenerate"] and not h["overridden"]
     assert any("1 distinct answer(s) for 30 training clips" in p for p in h["problems"])
+    # one answer among few clips: said as such, not as a fraction below the threshold
+    few = teacher_health({"test": answer_token_stats(["Same."] * 18, np.eye(18)[:, None])},
+                         None, PipelineConfig())
+    assert few["problems"] == ["1 distinct answer(s) for 18 test clips (one answer for all)"]
     assert any("cosine 1.0000" in p for p in h["problems"])
     ok = teacher_health({"training": varied}, EVAL, PipelineConfig())
     assert not ok["degenerate"] and ok["teacher_heldout"]["gain"] == pytest.approx(42.6)

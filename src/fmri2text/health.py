@@ -49,11 +49,12 @@ def teacher_health(parts: dict[str, dict], teacher_eval: dict | None, cfg) -> di
     held-out scores (``teacher.json``'s ``eval`` or None); ``cfg`` the pipeline config."""
     problems = []
     for name, p in parts.items():
-        if p["n_clips"] >= 2 and (p["distinct_answers"] < 2 or
-                                  p["distinct_answer_fraction"] < cfg.min_distinct_answer_fraction):
+        few = p["distinct_answer_fraction"] < cfg.min_distinct_answer_fraction
+        if p["n_clips"] >= 2 and (p["distinct_answers"] < 2 or few):
+            why = (f"fraction {p['distinct_answer_fraction']:.3f} < "
+                   f"{cfg.min_distinct_answer_fraction}") if few else "one answer for all"
             problems.append(f"{p['distinct_answers']} distinct answer(s) for {p['n_clips']} "
-                            f"{name} clips (fraction {p['distinct_answer_fraction']:.3f} < "
-                            f"{cfg.min_distinct_answer_fraction})")
+                            f"{name} clips ({why})")
         if p["n_clips"] >= 2 and p["token_cosine"] > cfg.max_token_cosine:
             problems.append(f"{name} clips' video tokens are nearly identical (mean pairwise "
                             f"cosine {p['token_cosine']:.4f} > {cfg.max_token_cosine})")
