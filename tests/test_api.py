@@ -24,6 +24,7 @@ from fmri2text.api import Decoder
 from fmri2text.export import export_run_model
 from fmri2text.config import load_config
 from fmri2text.errors import UserError
+from fmri2text.evaluation.evaluate import shuffle_within_subject
 
 from .example_run import ROOT, example_run
 
@@ -61,6 +62,14 @@ def test_from_pretrained_reproduces_the_runs_predictions(tiny_run):
     # the test trials alone, by onset, in the run's order and batches: the same again
     onsets = [p["onset"] for p in predictions]
     assert decoder.decode(bold, onsets=onsets) == [p["fmri2text"] for p in predictions]
+    # the shuffled control, the decoder's answers permuted within subject, is what decoding
+    # each trial with another trial's fMRI gives
+    shuffled = [json.loads(line)["fmri2text"]
+                for line in (run / "controls" / "shuffled.jsonl").read_text().splitlines()]
+    source = shuffle_within_subject(np.arange(len(onsets)), [p["subject"] for p in predictions],
+                                    load_config(run / "config.yaml", []).evaluation.seed)
+    assert (source != np.arange(len(onsets))).all()
+    assert decoder.decode(bold, onsets=[onsets[j] for j in source]) == shuffled
     # MBR answers too are the same whichever trials are decoded together
     decoder.generation.update(samples=8, mbr_beta=1.5, rerank=2.0)
     every = dict(zip(zip(trials.table["onset"], trials.table["stim_file"]),

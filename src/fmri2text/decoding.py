@@ -231,10 +231,12 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     decoded = decoder.generate(z, instrs, semantic=semantic)
     timings["decode"] = time.perf_counter() - t
     t = time.perf_counter()
-    # the shuffled control: each trial gets another trial's fMRI (tokens and semantic head)
+    # the shuffled control: each trial gets another trial's fMRI (tokens and semantic head).
+    # A trial's answer depends on its own inputs alone (greedy, or MBR with its sampling seeded
+    # by them: generation.prompt_seeds), so decoding the permuted inputs again would give the
+    # decoder's answers permuted: they are taken as such, one LLM pass fewer
     source = shuffle_within_subject(np.arange(len(test)), subjects, cfg.evaluation.seed)
-    shuffled = decoder.generate(z[source], instrs,
-                                semantic=None if semantic is None else semantic[source])
+    shuffled = [decoded[j] for j in source]
     prior = decoder.generate(None, instrs[:1])[0]
     timings["controls_llm"] = time.perf_counter() - t
 
