@@ -177,8 +177,9 @@ def heldout_ce(model: BridgeModel, data: TrialWindows, targets: ClipTargets, bat
     for s in range(0, len(chosen), batch_size):
         pos = chosen[s:s + batch_size]
         instr, ans = targets.text_of(data.clips[pos])
-        z = model.student.cross_fitted(model.student(data.fmri(pos)),
-                                       None if offsets is None else offsets[pos])
+        z = model.student(data.fmri(pos))
+        if offsets is not None:
+            z = model.student.cross_fitted(z, offsets[pos])
         logits, labels = model.answer_logits(z, instr, ans)
         lab = labels[:, 1:]
         keep = lab != -100
