@@ -398,10 +398,11 @@ def _had_tree(src: Path, root: Path, uniform: bool) -> int:
     """HAD's real top-level files and the run-01 events and sidecars of its four subjects
     (../shared/data/had-metadata), with tiny NIfTIs and a 2 s mp4 for every clip they show:
     flat grey (``uniform``) or a colour pattern moving its own way. Returns the clip count."""
-    import nibabel as nib
     import numpy as np
 
     from fmri2text.simulate.stimuli import encode_mp4
+
+    from .data.conftest import write_bold
 
     root.mkdir(parents=True)
     for f in src.glob("*.json"):
@@ -409,15 +410,11 @@ def _had_tree(src: Path, root: Path, uniform: bool) -> int:
     clips: set[str] = set()
     for k, events in enumerate(sorted(src.glob("sub-*/ses-*/func/*_run-01_events.tsv"))):
         func = root / events.relative_to(src).parent
-        func.mkdir(parents=True, exist_ok=True)
+        # 156 volumes of 2 s, as HAD's runs; then HAD's own sidecar replaces the written one
+        write_bold(func / events.name.replace("_events.tsv", "_bold.nii.gz"), 156, 2.0,
+                   shape=(8, 8, 6), seed=k)
         for f in (events, events.with_name(events.name.replace("_events.tsv", "_bold.json"))):
             (func / f.name).write_bytes(f.read_bytes())
-        rng = np.random.default_rng(k)  # 156 volumes of 2 s, as HAD's runs
-        vol = np.zeros((8, 8, 6, 156), np.int16)
-        vol[1:-1, 1:-1, 1:-1] = 1000 + 20 * rng.standard_normal((6, 6, 4, 156))
-        img = nib.Nifti1Image(vol, np.diag([4.0, 4.0, 4.0, 1.0]))
-        img.header.set_zooms((4.0, 4.0, 4.0, 2.0))
-        nib.save(img, func / events.name.replace("_events.tsv", "_bold.nii.gz"))
         clips |= set(pd.read_csv(events, sep="\t")["stim_file"].astype(str))
     for i, name in enumerate(sorted(clips)):
         frames = np.full((8, 32, 32, 3), 128, np.uint8)
