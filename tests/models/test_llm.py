@@ -171,6 +171,19 @@ def test_sampled_answers_are_a_seeded_tree_of_counted_draws(sharp):
     assert all(len(answers) > 3 for answers in wide)  # samples of one prompt differ
     assert all(len(ids) <= 6 for answers in wide for ids, _ in answers)
     assert wide == draw(16, 5.0, 1.0, 0) and wide != draw(16, 5.0, 1.0, 1)
+    # greedy=True: the same draws, after the greedy answer counted 0; the greedy path runs as
+    # a row of the tree, also where no draw follows it (a few draws at a high temperature)
+    few = draw(3, 5.0, 1.0, 0)
+    with_greedy = generation.sample_answers(
+        model, embeds, mask, llm.prefix_cache(model, embeds, P), 6, eos, 3, 5.0, 1.0,
+        [torch.Generator().manual_seed(i) for i in range(3)], greedy=True)
+    left = 0
+    for i in range(3):
+        want = greedy[i].tolist()
+        want = want[:want.index(eos) + 1] if eos in want else want
+        assert with_greedy[i][0] == (want, 0) and with_greedy[i][1:] == few[i]
+        left += want not in [ids for ids, _ in few[i]]
+    assert left > 0  # some prompt's greedy answer was drawn by none of its samples
 
 
 def test_tree_sampling_draws_from_the_models_distribution(sharp):
