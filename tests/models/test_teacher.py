@@ -116,3 +116,25 @@ def test_backbone_runs_frames_in_chunks_with_the_same_output(monkeypatch):
     out = bb.features(frames)
     assert calls == [4, 4, 3]
     assert torch.equal(out, whole) and out.shape == (11, bb.n_patches, bb.width)
+
+
+def test_backbone_keeps_its_loaded_weights_and_batchnorm_statistics():
+    """Wrapping EfficientNet (whose shape probe runs a forward) changes no tensor: a probe in
+    training mode moved the BatchNorm running statistics, through an unseeded drop-connect,
+    so every process got other features of the same clips. The shipped backbone equals its
+    weights file, tensor for tensor."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=64)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    bb = zoo.VisionBackbone(net, 64)
+    after = bb.net.state_dict()
+    assert any("running_var" in k for k in before)  # the statistics are compared too
+    assert before.keys() == after.keys()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+    real = zoo.load_vision_backbone("efficientnet-lite0", 128)
+    state = torch.load(zoo.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    loaded = real.net.state_dict()
+    assert [k for k, v in state.items() if not torch.equal(v, loaded[k])] == []

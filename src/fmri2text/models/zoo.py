@@ -70,6 +70,10 @@ class VisionBackbone(nn.Module):
         self.image_size = int(image_size)
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # the shape probe runs in eval mode: in training mode its forward would move every
+        # BatchNorm's running statistics towards a black frame's, through EfficientNet's
+        # unseeded drop-connect, so each process got other features from the same weights
+        net.eval()
         with torch.no_grad():
             probe = net.extract_features(torch.zeros(1, 3, self.image_size, self.image_size))
         self.width = int(probe.shape[1])  # C, 1280 for EfficientNet-Lite0

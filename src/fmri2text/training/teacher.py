@@ -106,7 +106,9 @@ def cached_features(teacher: VideoLLaMATeacher, clips: list[WebClip], tcfg: Teac
     The cache file is keyed by backbone, image size, frame count and every clip's bytes;
     a corrupt cache file is reported (with its path), never silently overwritten.
     """
-    h = hashlib.sha256(f"{tcfg.vision}|{tcfg.image_size}|{tcfg.n_frames}".encode())
+    # "v2": features since the backbone keeps its pretrained BatchNorm statistics (zoo.py);
+    # older cache files hold features of statistics moved by a random probe
+    h = hashlib.sha256(f"v2|{tcfg.vision}|{tcfg.image_size}|{tcfg.n_frames}".encode())
     for c in clips:
         h.update(file_hash(c.path).encode())
     path = cache / f"webclip-features-{h.hexdigest()[:16]}.safetensors"
