@@ -69,3 +69,27 @@ def test_sentence_embeddings_are_unit_norm_and_semantic():
     np.testing.assert_allclose(np.linalg.norm(E, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(E[0], E[3], atol=1e-6)
     assert E[0] @ E[1] > E[0] @ E[2] + 0.3
+
+
+def test_sentence_embeddings_are_the_same_bytes_in_every_process():
+    """Texts of one length are batched in text order, not in the set's order (which follows
+    each process's string hashing): processes with other hash seeds give the same bytes
+    (the texts: equal lengths, other word-piece counts, so the batches' padding can differ).
+    With the set's order the batches, and so the padded shapes and the sums, differed, and
+    the teacher's contrastive targets with them."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, hashlib; from fmri2text.models.sentence import SentenceEmbedder; "
+            "texts = [f'A {c} {s}.' for c in ('red', 'qzx', 'blue', 'xqzj', 'pink', 'zzqv', "
+            "'grey', 'kqxw', 'gold', 'vvxq') for s in ('ball', 'star', 'xqzb')]; "
+            "e = SentenceEmbedder(batch_size=3).encode(texts); "
+            "sys.stdout.write(hashlib.sha256(e.tobytes()).hexdigest())")
+    digests = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1

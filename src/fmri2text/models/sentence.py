@@ -77,7 +77,9 @@ class SentenceEmbedder:
         texts = [str(t) for t in texts]
         tokenizer, model = _load(str(self.path))
         d = int(model.config.hidden_size)
-        unique = sorted(set(texts), key=len)  # similar lengths per batch: less padding
+        # similar lengths per batch (less padding); ties by text, so the batches do not
+        # follow the set's order, which changes with each process's string hashing
+        unique = sorted(set(texts), key=lambda t: (len(t), t))
         out = np.zeros((len(unique), d), dtype=np.float32)
         for start in range(0, len(unique), self.batch_size):
             batch = unique[start:start + self.batch_size]
