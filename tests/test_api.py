@@ -103,6 +103,28 @@ def test_round_trip_decodes_identical_text(tiny_run, tmp_path):
     assert again.decode(bold, onsets=onsets) != texts
 
 
+def test_candidates_meet_the_semantic_head_away_from_the_training_answers_mean(tiny_run):
+    """MBR's rerank compares a candidate with the head's prediction as directions from the
+    head's intercept (the training answers' mean): the typical answer gets no credit for the
+    part every answer shares."""
+    decoder = Decoder.from_pretrained(tiny_run[2])
+    centre = decoder.student.linear.semantic_centre.numpy()
+    texts = ["a red ball moving left", "a blue star spinning"]
+    raw, got = decoder.embed_texts(texts), decoder.embed_answers(texts)
+    want = (raw - centre) / np.linalg.norm(raw - centre, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.linalg.norm(centre) > 0.1 and not np.allclose(got, raw, atol=1e-2)
+    bold, events = _test_run(decoder)
+    data = decoder.windows(bold, events=events).data
+    pred = decoder.semantic(data)  # (n, d_s) unit directions from the same centre
+    lin = decoder.student.linear
+    _, x = next(decoder._inputs(data, [0, 1], None))  # the student's input of two windows
+    with torch.no_grad():
+        full = lin.components(x) @ lin.sem_weight + lin.sem_bias  # the head's whole prediction
+    np.testing.assert_allclose(pred[:2].numpy(), torch.nn.functional.normalize(
+        full - lin.sem_bias, dim=-1).numpy(), atol=1e-5)
+
+
 def test_export_writes_the_model_card_and_is_repeatable(tiny_run):
     run, cfg, model, predictions = tiny_run
     before = {p.name: p.read_bytes() for p in model.iterdir()}

@@ -436,9 +436,10 @@ class Decoder:
     def semantic(self, data: np.ndarray, rows: Sequence[int] | None = None,
                  batch_size: int | None = None, offsets: torch.Tensor | None = None
                  ) -> torch.Tensor | None:
-        """The semantic head's unit-length sentence embeddings (n, d_s) for windows
-        ``data[rows]``, or None when the student has none. ``offsets`` (n, d_s): Stage I's
-        cross-fitting offsets of training trials (validation)."""
+        """The semantic head's predictions (n, d_s) for windows ``data[rows]`` as unit-length
+        directions from the training answers' mean (comparable with :meth:`embed_answers`),
+        or None when the student has none. ``offsets`` (n, d_s): Stage I's cross-fitting
+        offsets of training trials (validation)."""
         linear = self.student.linear
         if linear is None or not linear.semantic_dim:
             return None
@@ -448,6 +449,14 @@ class Decoder:
                 off = None if offsets is None else offsets[s:s + len(x)].to(self.device)
                 out.append(linear.semantic(x, off).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, linear.semantic_dim)
+
+    def embed_answers(self, texts: list[str]) -> np.ndarray:
+        """(n, d_s) unit-length directions of ``texts``' sentence embeddings from the training
+        answers' mean (the semantic head's intercept): the space in which MBR's candidates
+        meet :meth:`semantic`'s predictions. Requires a semantic head."""
+        centre = self.student.linear.semantic_centre.float().cpu().numpy()
+        d = self.embed_texts(texts) - centre
+        return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """(n, d_s) unit-length sentence embeddings of ``texts`` (the embedded MiniLM, the
@@ -477,7 +486,7 @@ class Decoder:
         kwargs = {**self.generation_kwargs(), **({"batch_size": int(batch_size)} if batch_size else {}),
                   **overrides}
         return generate(model, tokenizer, z, list(instructions), semantic=semantic,
-                        embed=self.embed_texts, **kwargs)
+                        embed=self.embed_answers if semantic is not None else None, **kwargs)
 
     def generation_kwargs(self) -> dict:
         """Keyword arguments of :func:`fmri2text.models.generation.generate` (all but the inputs)."""

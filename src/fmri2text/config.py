@@ -321,8 +321,9 @@ class PipelineConfig:
     decode_top_p: float = 0.9  # nucleus of the sampled answers
     # MBR's unigram F-score weighs recall this many times precision (1: ROUGE-1 F)
     decode_mbr_beta: float = 1.0
-    # MBR: weight of each sampled answer's agreement (cosine) with the sentence embedding the
-    # student's semantic head predicts (encoder.semantic_head); 0: plain consensus
+    # MBR: weight of each sampled answer's agreement with the sentence embedding the student's
+    # semantic head predicts (encoder.semantic_head): their cosine as directions from the
+    # training answers' mean (api.Decoder.embed_answers); 0: plain consensus
     decode_rerank: float = 0.0
     # choose the decoding on the training subjects' validation trials (split.val_fraction,
     # each trial's tokens cross-fitted as a held-out subject's): one answer per trial, or MBR

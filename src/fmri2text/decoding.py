@@ -167,7 +167,7 @@ def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) 
     for beta in p.decode_choose_betas:
         for weight in reranks:
             settings[(p.decode_samples, float(beta), float(weight))] = choose_answers(
-                cands, beta, semantic, weight, decoder.embed_texts)
+                cands, beta, semantic, weight, decoder.embed_answers)
     scorer = TextScorer(cfg.evaluation)
     scores = {}
     for key, texts in settings.items():

@@ -16,7 +16,10 @@ The linear path may also hold a semantic head (:meth:`LinearPath.semantic`): rid
 same principal components to the sentence embedding (all-MiniLM-L6-v2) of the teacher's
 answer — the `ridge` peer's map. It never feeds the LLM; decoding uses it to choose among the
 LLM's own sampled answers the one whose meaning agrees with the brain's
-(:func:`fmri2text.models.generation.mbr_choice`).
+(:func:`fmri2text.models.generation.mbr_choice`). Agreement is measured away from the
+training answers' mean embedding (the head's intercept, :attr:`LinearPath.semantic_centre`):
+every answer and every prediction share that mean, so a plain cosine rewards the typical
+answer; the direction from it carries what this trial says that others do not.
 
 Trainable in Stage I (paper): tokenizer, adaptors, projector (and the linear path's
 weights); the encoder base is frozen.
@@ -119,12 +122,21 @@ class LinearPath(nn.Module):
         return z.view(-1, self.n_tokens, self.dim)
 
     def semantic(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, …) → (B, semantic_dim): the predicted sentence embedding, unit length.
+        """(B, T, …) → (B, semantic_dim): the predicted sentence embedding less
+        :attr:`semantic_centre` (the training answers' mean), unit length.
         ``offset`` (B, d_s): cross-fitting offsets (Stage I), added before normalising."""
         if not self.semantic_dim:
             raise ValueError("this linear path has no semantic head")
-        s = self.components(x) @ self.sem_weight + self.sem_bias  # (B, d_s)
+        s = self.components(x) @ self.sem_weight  # (B, d_s): prediction - intercept
         return F.normalize(s if offset is None else s + offset.to(s.dtype), dim=-1)
+
+    @property
+    def semantic_centre(self) -> torch.Tensor:
+        """(d_s,) the semantic head's intercept: the mean sentence embedding of the training
+        answers (the components are centred on the training trials)."""
+        if not self.semantic_dim:
+            raise ValueError("this linear path has no semantic head")
+        return self.sem_bias
 
     @torch.no_grad()
     def load_semantic(self, ridge) -> None:
