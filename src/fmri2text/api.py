@@ -43,7 +43,7 @@ from fmri2text import __version__
 from fmri2text.config import Config, PipelineConfig
 from fmri2text.data.preprocessing import Preprocessing, Trials
 from fmri2text.errors import UserError
-from fmri2text.io import file_hash, write_json, write_text
+from fmri2text.io import file_hash, write_json, write_safetensors, write_text
 from fmri2text.model_card import usage_card
 
 FORMAT = "fmri2text-decoder"
@@ -318,7 +318,6 @@ class Decoder:
         The folder is written beside ``path`` and renamed onto it when complete, so a reader
         sees the old decoder or the new one, never a mix. Returns ``path``.
         """
-        from safetensors.torch import save_file
 
         path = Path(path)
         if path.exists() and not (path / CONFIG_FILE).is_file() and any(path.iterdir()):
@@ -330,7 +329,7 @@ class Decoder:
         tmp.mkdir()
         try:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
-            save_file(tensors, str(tmp / STUDENT_FILE), metadata=self.student_meta)
+            write_safetensors(tmp / STUDENT_FILE, tensors, self.student_meta)
             self.preprocessing.save_mask(tmp / MASK_FILE)
             config = self.config()
             config["files"] = {name: _sha256(tmp / name) for name in CHECKED_FILES}

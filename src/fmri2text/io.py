@@ -107,6 +107,25 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None
+                      ) -> None:
+    """Write ``tensors`` (name → contiguous CPU tensor) and string ``metadata`` as one
+    safetensors file, atomically, the same bytes in every process.
+
+    The library writes its JSON header from a hash map whose order changes from process to
+    process (two runs' student files differed in the order of their metadata keys alone), so
+    the header is written again with sorted keys; offsets are relative to the data, which
+    is kept as it is, and the header is space-padded to 8 bytes as the library pads it.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    write_bytes(path, len(header).to_bytes(8, "little") + header + memoryview(data)[8 + n:])
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")

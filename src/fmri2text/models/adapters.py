@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from fmri2text.errors import UserError
-from fmri2text.io import atomic_path
+from fmri2text.io import write_safetensors
 from fmri2text.models.state import check_state
 
 #: Our SC-MBM encoder: attention query projections and both MLP linears.
@@ -126,8 +125,7 @@ def save_adapters(model: nn.Module, path: str | Path, metadata: dict | None = No
         raise UserError("the model has no adapters to save",
                         fix="call inject_adapters before saving adapters")
     meta = {"format": "fmri2text-adapters", "extra": json.dumps(metadata or {})}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(path, tensors, meta)
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> dict:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fmri2text.config import EncoderConfig
 from fmri2text.errors import UserError
-from fmri2text.io import atomic_path
+from fmri2text.io import write_safetensors
 from fmri2text.models.state import check_state
 from fmri2text.models.tokenizer3d import Tokenizer, build_tokenizer
 
@@ -281,8 +281,7 @@ def save_mae(model: BrainMAE, path: str | Path) -> None:
     meta = {"spec": json.dumps(dataclasses.asdict(model.spec)),
             "input_shape": json.dumps(list(model.input_shape))}
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(path, tensors, meta)
 
 
 def load_mae(path: str | Path) -> BrainMAE:

@@ -30,7 +30,7 @@ from fmri2text.data.datasets import (ClipTargets, FmriWindows, ResumableBatchSam
                                      load_windows, split_rows)
 from fmri2text.data.splits import validation_rows
 from fmri2text.errors import UserError
-from fmri2text.io import atomic_path, ensure_output_dir, write_json, write_text
+from fmri2text.io import atomic_path, ensure_output_dir, write_json, write_safetensors, write_text
 from fmri2text.losses import AlignmentLoss, alignment_loss_from_config
 from fmri2text.models.brain_encoder import (BrainMAE, EncoderSpec, load_mae, load_state_checked,
                                             spec_from_config)
@@ -56,8 +56,7 @@ def save_student(student: Student, path: Path, *, spec: EncoderSpec, input_shape
             "encoder": json.dumps(dataclasses.asdict(enc)),
             "adapted": json.dumps(student.adapted), "extra": json.dumps(extra or {})}
     tensors = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(path, tensors, meta)
 
 
 def save_crossfit(path: Path, offsets: torch.Tensor, rows: np.ndarray,
