@@ -126,3 +126,25 @@ def test_retrieval_ties_count_as_expected_rank_with_chance_from_the_same_count()
     out = retrieval_metrics(np.array([[1.0, 0.5]]), cand, np.array([0]))
     assert out["top1"] == 0.0 and out["top5"] == pytest.approx(100 / 3)
     assert out["twoway"] == pytest.approx((1 + 0.5 * 2) / 7 * 100)
+
+
+def test_bertscore_is_the_same_bytes_in_every_process():
+    """Texts of one word count are embedded in text order, not in the set's order (which
+    follows each process's string hashing): with small batches the padded shapes, and so
+    the scores' last bits, followed it (two cold demos' metrics.json differed there)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from fmri2text.config import EvaluationConfig; "
+            "from fmri2text.evaluation.metrics import TextScorer; "
+            "hyps = [f'A {c} {s}.' for c in ('red', 'qzxv', 'blue', 'pink', 'zzqv', 'gold') "
+            "for s in ('ball', 'star', 'xqzb')]; refs = ['A red ball.'] * len(hyps); "
+            "s = TextScorer(EvaluationConfig(bertscore_batch_size=4)).score(hyps, refs); "
+            "sys.stdout.write(repr(s['bertscore_f1']))")
+    outs = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"}
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, check=True).stdout)
+    assert len(outs) == 1, outs

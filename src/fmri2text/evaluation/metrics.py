@@ -225,8 +225,10 @@ class TextScorer:
         from bert_score.utils import get_bert_embedding, sent_encode
 
         tokenizer, model = self._load()
-        todo = sorted({t for t in texts if t not in self._emb}, key=lambda s: len(s.split(" ")),
-                      reverse=True)
+        # longest first, ties by text: the set's order follows the process's string hashing,
+        # and a text's padded batch (so its embedding's last bits) would follow it
+        todo = sorted({t for t in texts if t not in self._emb},
+                      key=lambda s: (-len(s.split(" ")), s))
         # idf weights are applied later (_idf_weights); this dict only satisfies the API
         idf = defaultdict(lambda: 1.0)
         for s in [t for t in todo if not t.strip()]:
