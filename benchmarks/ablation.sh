@@ -6,13 +6,12 @@
 #        environment when the dataset lives elsewhere; prepared/,
 #        teacher/, annotations/, eval_annotations/ are reused; nothing in RUN is changed)
 #   OUT: where each variant's run directory goes (OUT/<variant>)
-#   variants (default all): full no_linear no_deep mbm_init no_dance
-#   (no "without adaptors": encoder.adapter_rank must be >= 1)
+#   variants (default all): full no_linear no_deep mbm_init no_dance no_adaptors
 # Prints benchmarks/peers_table.py's rows for each variant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=$(realpath "$1"); OUT=$2; shift 2
-VARIANTS=("${@:-full no_linear no_deep mbm_init no_dance}")
+VARIANTS=("${@:-full no_linear no_deep mbm_init no_dance no_adaptors}")
 BIDS=${BIDS:-$RUN/bids}
 export HF_HUB_OFFLINE=1
 declare -A OVERRIDES=(
@@ -21,6 +20,7 @@ declare -A OVERRIDES=(
   [no_deep]="stage1.steps=1 stage1.val_every=1 stage2.lr=1e-12"  # linear path + gain only
   [mbm_init]="stage1.mbm_checkpoint=auto"
   [no_dance]="loss.domain_adaptation=false"
+  [no_adaptors]="encoder.adapter_rank=0"
 )
 for v in ${VARIANTS[@]}; do
   dir=$OUT/$v

@@ -164,7 +164,7 @@ class EncoderConfig:
     pos_embed: str = "sincos"  # sincos (fixed) | learned
     grad_checkpoint: bool = False  # recompute tokenizer stages and blocks in backward
     token_standardize: bool = True  # standardise each token feature across trials (running stats)
-    adapter_rank: int = 8
+    adapter_rank: int = 8  # 0: no adaptors (ablation; the encoder stays frozen)
     adapter_scale: float = 1.0
     projector_dim: int = 256  # width of the projector's cross-attention
     projector_heads: int = 4

@@ -46,13 +46,14 @@ def _grid(config: dict) -> str:
 def _model(config: dict) -> str:
     s, llm, teacher, gen = config["student"], config["llm"], config["teacher"], config["generation"]
     spec, enc, tcfg = s["spec"], s["encoder"], teacher.get("config", {})
+    adaptors = (f"with nonlinear\n  low-rank adaptors (rank {enc['adapter_rank']})" if enc["adapter_rank"]
+                else "frozen, without\n  adaptors")
     return f"""## Model
 
 - format: `{config['format']}` version {config['format_version']} (fmri2text
   {config['fmri2text_version']})
 - student: 3D CNN tokenizer (channels {spec['tokenizer_channels']}) → SC-MBM ViT encoder
-  (width {spec['embed_dim']}, depth {spec['depth']}, {spec['num_heads']} heads) with nonlinear
-  low-rank adaptors (rank {enc['adapter_rank']}) → projector to {s['n_tokens']} tokens of width
+  (width {spec['embed_dim']}, depth {spec['depth']}, {spec['num_heads']} heads) {adaptors} → projector to {s['n_tokens']} tokens of width
   {s['d_llm']}; input windows of shape {tuple(s['input_shape'])}
 - frozen LLM: `{llm['name']}` (sha256 `{llm.get('sha256', 'not recorded')}`, dtype
   {llm.get('dtype', 'auto')})

@@ -49,6 +49,18 @@ def test_only_tokenizer_adaptors_projector_receive_gradients():
     assert set(s.trainable_state_dict()) == {n for n, p in s.named_parameters() if p.requires_grad}
 
 
+def test_without_adaptors_the_encoder_stays_frozen():
+    """adapter_rank 0 (the ablation): nothing injected, the whole encoder frozen, the
+    tokenizer and projector still learn."""
+    s = _student()
+    assert s.add_adapters(rank=0) == []
+    s(torch.randn(2, *SHAPE)).square().mean().backward()
+    with_grad = {n for n, p in s.named_parameters() if p.grad is not None}
+    assert with_grad and all(n.startswith(("tokenizer.", "projector.")) for n in with_grad)
+    assert not any(p.requires_grad for p in s.encoder.parameters())
+    assert not any(".adapter." in n for n in s.state_dict())
+
+
 def test_frozen_tokenizer_keeps_its_standardiser_statistics():
     """Stage II freezes the tokenizer: train() must not let its batch statistics move."""
     from fmri2text.training.stage2 import freeze_for_stage2

@@ -203,8 +203,13 @@ class Student(nn.Module):
     def add_adapters(self, rank: int = 8, scale: float = 1.0,
                      patterns: tuple[str, ...] = ENCODER_PATTERNS) -> list[str]:
         """Inject adaptors into the encoder and freeze its base; tokenizer, projector and
-        the linear path's weights stay trainable. Returns the adapted module names."""
-        self.adapted = inject_adapters(self.encoder, patterns, rank, scale, freeze_base=True)
+        the linear path's weights stay trainable. Returns the adapted module names.
+        ``rank`` 0: no adaptors (the ablation), the encoder wholly frozen."""
+        if rank == 0:
+            self.encoder.requires_grad_(False)
+            self.adapted = []
+        else:
+            self.adapted = inject_adapters(self.encoder, patterns, rank, scale, freeze_base=True)
         for module in (self.tokenizer, self.projector, self.linear):
             for p in module.parameters() if module is not None else ():
                 p.requires_grad_(True)
