@@ -77,19 +77,11 @@ def test_sentence_embeddings_are_the_same_bytes_in_every_process():
     (the texts: equal lengths, other word-piece counts, so the batches' padding can differ).
     With the set's order the batches, and so the padded shapes and the sums, differed, and
     the teacher's contrastive targets with them."""
-    import os
-    import subprocess
-    import sys
+    from tests.hash_seeds import outputs_under_hash_seeds
 
     code = ("import sys, hashlib; from fmri2text.models.sentence import SentenceEmbedder; "
             "texts = [f'A {c} {s}.' for c in ('red', 'qzx', 'blue', 'xqzj', 'pink', 'zzqv', "
             "'grey', 'kqxw', 'gold', 'vvxq') for s in ('ball', 'star', 'xqzb')]; "
             "e = SentenceEmbedder(batch_size=3).encode(texts); "
             "sys.stdout.write(hashlib.sha256(e.tobytes()).hexdigest())")
-    digests = set()
-    for seed in ("1", "2", "3"):
-        env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True)
-        digests.add(out.stdout.strip())
-    assert len(digests) == 1
+    assert len(outputs_under_hash_seeds(code)) == 1

@@ -132,9 +132,7 @@ def test_bertscore_is_the_same_bytes_in_every_process():
     """Texts of one word count are embedded in text order, not in the set's order (which
     follows each process's string hashing): with small batches the padded shapes, and so
     the scores' last bits, followed it (two cold demos' metrics.json differed there)."""
-    import os
-    import subprocess
-    import sys
+    from tests.hash_seeds import outputs_under_hash_seeds
 
     code = ("import sys; from fmri2text.config import EvaluationConfig; "
             "from fmri2text.evaluation.metrics import TextScorer; "
@@ -142,9 +140,5 @@ def test_bertscore_is_the_same_bytes_in_every_process():
             "for s in ('ball', 'star', 'xqzb')]; refs = ['A red ball.'] * len(hyps); "
             "s = TextScorer(EvaluationConfig(bertscore_batch_size=4)).score(hyps, refs); "
             "sys.stdout.write(repr(s['bertscore_f1']))")
-    outs = set()
-    for seed in ("1", "2", "3"):
-        env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"}
-        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                text=True, check=True).stdout)
+    outs = outputs_under_hash_seeds(code)
     assert len(outs) == 1, outs
