@@ -318,7 +318,6 @@ class Decoder:
         The folder is written beside ``path`` and renamed onto it when complete, so a reader
         sees the old decoder or the new one, never a mix. Returns ``path``.
         """
-
         path = Path(path)
         if path.exists() and not (path / CONFIG_FILE).is_file() and any(path.iterdir()):
             raise UserError("the folder is not empty and holds no decoder: not overwritten",
