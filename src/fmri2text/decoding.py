@@ -138,7 +138,7 @@ def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) 
     from fmri2text.data.datasets import split_rows
     from fmri2text.data.splits import validation_rows
     from fmri2text.evaluation.metrics import TextScorer
-    from fmri2text.models.generation import choose_answers, generate, mbr_candidates
+    from fmri2text.models.generation import choose_answers_grid, generate, mbr_candidates
     from fmri2text.training.stage1 import CROSSFIT_FILE, load_crossfit, load_targets
 
     p = cfg.pipeline
@@ -164,10 +164,9 @@ def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) 
     settings = {(0, kw["mbr_beta"], 0.0): [next(iter(c)) for c in cands] if kw["greedy"] else
                 generate(model, tokenizer, z, instructions, **{**kw, "samples": 0})}
     reranks = p.decode_choose_reranks if semantic is not None else [0.0]
-    for beta in p.decode_choose_betas:
-        for weight in reranks:
-            settings[(p.decode_samples, float(beta), float(weight))] = choose_answers(
-                cands, beta, semantic, weight, decoder.embed_answers)
+    grid = choose_answers_grid(cands, p.decode_choose_betas, reranks, semantic,
+                               decoder.embed_answers)
+    settings.update({(p.decode_samples, *key): texts for key, texts in grid.items()})
     scorer = TextScorer(cfg.evaluation)
     scores = {}
     for key, texts in settings.items():
@@ -187,11 +186,12 @@ def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) 
 
 
 def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = None,
-               log: Log = print) -> dict:
+               log: Log = print, windows=None) -> dict:
     """Decode the held-out subjects' test trials; write predictions, controls and extras.
 
     The student forward and generation go through :class:`fmri2text.api.Decoder`, the same
-    code as ``Decoder.from_pretrained(RUN/model).decode(...)``.
+    code as ``Decoder.from_pretrained(RUN/model).decode(...)``. ``windows``: the dataset's
+    ``load_windows(bids, cfg)`` when the caller has it already.
     """
     from fmri2text.api import Decoder
     from fmri2text.data.datasets import TrialWindows, load_windows, split_rows
@@ -209,7 +209,7 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     p = cfg.pipeline
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    windows = load_windows(bids, cfg)
+    windows = windows if windows is not None else load_windows(bids, cfg)
     trials = windows.trials
     test_idx = split_rows(trials, "test")
     test = TrialWindows(windows, test_idx)

@@ -263,6 +263,31 @@ def test_choose_answers_weighs_candidates_by_their_cosine_with_the_prediction():
     assert generation.choose_answers(cands, 1.0, semantic, 4.0, embed) == ["a red ball", "a blue ball"]
 
 
+def test_choose_answers_grid_is_each_settings_own_choice():
+    """The grid (candidates tokenised and embedded once) keys every (beta, rerank) to the
+    answers mbr_choice picks with that setting alone, in betas-then-reranks order."""
+    from collections import Counter
+
+    vec = {"a red ball": [1.0, 0.0], "a red ball in the sky": [0.8, 0.6],
+           "a red ball on the grass": [0.0, 1.0], "a ball": [0.6, 0.8]}
+    calls = []
+
+    def embed(texts):
+        calls.append(list(texts))
+        return np.array([vec[t] for t in texts])
+
+    cands = [Counter({"a red ball": 2, "a red ball in the sky": 1, "a red ball on the grass": 1}),
+             Counter({"a ball": 1, "a red ball on the grass": 2})]
+    semantic = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    grid = generation.choose_answers_grid(cands, [1.0, 3.0], [0.0, 2.0], semantic, embed)
+    assert list(grid) == [(1.0, 0.0), (1.0, 2.0), (3.0, 0.0), (3.0, 2.0)] and len(calls) == 1
+    for (beta, rerank), answers in grid.items():
+        for c, s, answer in zip(cands, semantic, answers):
+            agree = [float(torch.tensor(vec[t]) @ s) for t in c]
+            assert answer == generation.mbr_choice(list(c), list(c.values()), beta, agree, rerank)
+    assert len({tuple(a) for a in grid.values()}) > 1  # the settings do choose differently
+
+
 def test_mbr_generate_returns_one_candidate_per_prompt(sharp):
     """samples > 1: one answer per prompt, the mbr_choice among that prompt's greedy answer
     and its counted samples; reproducible with the seed."""
@@ -324,6 +349,9 @@ def test_real_smollm2_loads_offline_and_generates_from_embeds():
     model, tok = llm.load_llm("smollm2")
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
     assert model.dtype == llm.preferred_dtype() and not any(p.requires_grad for p in model.parameters())
+    model.train()
+    again, tok_again = llm.load_llm("smollm2")  # one copy per process, handed back frozen
+    assert again is model and tok_again is tok and not again.training
     out = generation.generate(model, tok, None, ["What is the capital of France?"], max_new_tokens=12)
     assert "Paris" in out[0]
     soft = torch.randn(1, 4, 576) * llm.embedding_std(model)

@@ -127,6 +127,39 @@ def _rouge_tokenizer():
     return DefaultTokenizer(use_stemmer=True)
 
 
+class _Overlaps:
+    """One prompt's candidates tokenised once, with the unigram overlap of every pair: all
+    :func:`mbr_choice` needs, for any ``beta`` and ``rerank`` (the decoding choice scores a
+    grid of them on the same candidates)."""
+
+    def __init__(self, candidates: list[str], weights: list[float] | None = None):
+        tok = _rouge_tokenizer()
+        self.candidates = list(candidates)
+        self.weights = [1.0] * len(candidates) if weights is None else list(weights)
+        grams = [Counter(tok.tokenize(c)) for c in candidates]
+        self.sizes = [sum(g.values()) for g in grams]
+        self.both = [[sum((gi & gj).values()) for gj in grams] for gi in grams]  # (n, n)
+
+    def choice(self, beta: float = 1.0, agreement: list[float] | None = None,
+               rerank: float = 0.0) -> str:
+        """:func:`mbr_choice` of these candidates."""
+        sizes, b2 = self.sizes, beta * beta
+
+        def f(i: int, j: int) -> float:  # candidate i as the answer, j as the reference
+            if not sizes[i] or not sizes[j]:
+                return float(sizes[i] == sizes[j])
+            both = self.both[i][j]
+            p, r = both / sizes[i], both / sizes[j]
+            return (1 + b2) * p * r / (b2 * p + r) if both else 0.0
+
+        total = sum(self.weights)
+        totals = [sum(w * f(i, j) for j, w in enumerate(self.weights)) / total
+                  for i in range(len(self.candidates))]
+        if agreement is not None and rerank:
+            totals = [t + rerank * float(a) for t, a in zip(totals, agreement)]
+        return self.candidates[max(range(len(self.candidates)), key=totals.__getitem__)]
+
+
 def mbr_choice(candidates: list[str], weights: list[float] | None = None,
                beta: float = 1.0, agreement: list[float] | None = None,
                rerank: float = 0.0) -> str:
@@ -140,25 +173,7 @@ def mbr_choice(candidates: list[str], weights: list[float] | None = None,
     the one the brain predicts) is added ``rerank`` times to the expected F-score (a mean
     over the draws, in [0, 1]).
     """
-    tok = _rouge_tokenizer()
-    weights = [1.0] * len(candidates) if weights is None else list(weights)
-    grams = [Counter(tok.tokenize(c)) for c in candidates]
-    sizes = [sum(g.values()) for g in grams]
-    b2 = beta * beta
-
-    def f(i: int, j: int) -> float:  # candidate i as the answer, j as the reference
-        if not sizes[i] or not sizes[j]:
-            return float(sizes[i] == sizes[j])
-        both = sum((grams[i] & grams[j]).values())
-        p, r = both / sizes[i], both / sizes[j]
-        return (1 + b2) * p * r / (b2 * p + r) if both else 0.0
-
-    total = sum(weights)
-    totals = [sum(w * f(i, j) for j, w in enumerate(weights)) / total
-              for i in range(len(candidates))]
-    if agreement is not None and rerank:
-        totals = [t + rerank * float(a) for t, a in zip(totals, agreement)]
-    return candidates[max(range(len(candidates)), key=totals.__getitem__)]
+    return _Overlaps(candidates, weights).choice(beta, agreement, rerank)
 
 
 def choose_answers(candidates: list[Counter], beta: float, semantic: Tensor | None = None,
@@ -167,15 +182,25 @@ def choose_answers(candidates: list[Counter], beta: float, semantic: Tensor | No
     ``semantic`` (B, d_s) unit-length predicted sentence embeddings, ``rerank`` > 0 and
     ``embed`` (texts → (n, d_s) unit-length embeddings), each candidate's agreement is its
     cosine with its prompt's prediction."""
-    if semantic is None or not rerank or embed is None:
-        return [mbr_choice(list(c), list(c.values()), beta) for c in candidates]
-    texts = sorted({t for c in candidates for t in c})
-    vectors = dict(zip(texts, torch.as_tensor(embed(texts), dtype=torch.float32)))
-    out = []
-    for c, s in zip(candidates, semantic.float()):
-        agreement = [float(vectors[t] @ s) for t in c]
-        out.append(mbr_choice(list(c), list(c.values()), beta, agreement, rerank))
-    return out
+    return choose_answers_grid(candidates, [beta], [rerank], semantic, embed)[
+        (float(beta), float(rerank))]
+
+
+def choose_answers_grid(candidates: list[Counter], betas: list[float], reranks: list[float],
+                        semantic: Tensor | None = None, embed=None
+                        ) -> dict[tuple[float, float], list[str]]:
+    """:func:`choose_answers` for every (beta, rerank) of ``betas`` x ``reranks``, keyed by
+    that pair (floats). Each prompt's candidates are tokenised and compared once, and
+    embedded once, for the whole grid. Without ``semantic`` or ``embed`` every rerank is
+    plain MBR."""
+    agree: list[list[float] | None] = [None] * len(candidates)
+    if semantic is not None and embed is not None and any(reranks):
+        texts = sorted({t for c in candidates for t in c})
+        vectors = dict(zip(texts, torch.as_tensor(embed(texts), dtype=torch.float32)))
+        agree = [[float(vectors[t] @ s) for t in c] for c, s in zip(candidates, semantic.float())]
+    tables = [_Overlaps(list(c), list(c.values())) for c in candidates]
+    return {(float(beta), float(rerank)): [t.choice(beta, a, rerank) for t, a in zip(tables, agree)]
+            for beta in betas for rerank in reranks}
 
 
 @torch.no_grad()
