@@ -266,6 +266,10 @@ class Stage1Config:
     # or RUN/mbm.safetensors (fmri2text run then runs pretrain-mbm); or a file
     mbm_checkpoint: str = ""
     val_every: int = 25  # steps between validation passes (best step kept); 0 = keep the last
+    # validation passes in a row without beating the best before training stops; 0 = never.
+    # On both simulated worlds step 0 stayed best over 100 steps (its passes at 25 and 50
+    # were already worse): 2 stops there at step 50, same weights, half the steps
+    val_patience: int = 2
     # train the linear path's closed-form weights too (AdamW moves each of its 512 x L*d
     # weights by ~lr per step on inputs of scale ~10: it diverged from step 1, BENCHMARKS)
     train_linear: bool = False
@@ -299,6 +303,7 @@ class Stage2Config:
     compare_da: bool = False  # also train the other DA setting (same seed) for the with/without table
     eval_max_trials: int = 64  # held-out test trials (evenly spaced) for the CE; 0 = all
     val_every: int = 20  # steps between validation CE passes (best step kept); 0 = keep the last
+    val_patience: int = 2  # passes in a row without beating the best before stopping; 0 = never
     seed: int = 0
 
 

@@ -11,7 +11,8 @@ The recipe supplies ``step_fn(step) -> {"total": loss, term: value, …}`` (forw
 accelerate-prepared module) and optionally ``after_step(step)`` (e.g. DANCE's memory bank)
 and ``validate() -> float`` (lower is better): then the weights are scored before training
 and every ``val_every`` steps, the best are kept in ``best.safetensors`` (so a resumed run
-chooses as an uninterrupted one) and restored at the end.
+chooses as an uninterrupted one) and restored at the end; with ``val_patience`` > 0, training
+stops once that many passes in a row have not beaten the best (its weights are kept as always).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class LoopSettings:
     keep_last: int
     log_every: int
     val_every: int = 0
+    val_patience: int = 0
 
     @classmethod
     def from_config(cls, stage_cfg, section: str) -> "LoopSettings":
@@ -61,7 +63,8 @@ class LoopSettings:
                   (s.checkpoint_every >= 1, "checkpoint_every", "at least 1"),
                   (s.keep_last >= 1, "keep_last", "at least 1"),
                   (s.log_every >= 1, "log_every", "at least 1"),
-                  (s.val_every >= 0, "val_every", "zero (off) or positive")]
+                  (s.val_every >= 0, "val_every", "zero (off) or positive"),
+                  (s.val_patience >= 0, "val_patience", "zero (off) or positive")]
         for ok, key, allowed in checks:
             if not ok:
                 raise UserError(f"config value {section}.{key}={getattr(s, key)!r} is out of range",
@@ -189,7 +192,8 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
                settings: LoopSettings, step_fn: Callable[[int], dict[str, torch.Tensor]],
                stage_dir: Path, config: dict, resume: bool, log: Log, name: str,
                after_step: Callable[[int], None] | None = None, progress: bool = True,
-               validate: Callable[[], float] | None = None) -> dict:
+               validate: Callable[[], float] | None = None,
+               first_score: float | None = None) -> dict:
     """Run steps ``start..settings.steps-1`` of a recipe; return a summary.
 
     Parameters
@@ -199,6 +203,8 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
     step_fn : computes the loss terms of step ``step`` (``"total"`` is back-propagated).
     stage_dir : ``RUN/stageN``: ``checkpoints/``, ``log.jsonl``, ``tensorboard/``.
     resume : continue from the latest checkpoint in ``stage_dir`` (error if there is none).
+    first_score : ``validate()`` of the weights before the first step when the recipe has
+        already computed it (not recomputed).
 
     Returns
     -------
@@ -225,10 +231,12 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
     t0 = time.perf_counter()
     step = start
     selector = _BestStep(stage_dir, module, validate, settings.val_every, resume, main, log, name)
-    selector.check(start, force=not resume)
+    selector.check(start, force=not resume, score=first_score)
+    # a resumed run that had already stopped early trains no further
+    end = start if selector.patience_spent(settings.val_patience) else settings.steps
     try:
         with GracefulStop() as stop:
-            for step in range(start, settings.steps):
+            for step in range(start, end):
                 lr = lr_at(step, settings)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -269,6 +277,10 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
                     log(f"{name}: stopped by {stopped} after step {done}; checkpoint saved, "
                         "rerun with --resume to continue")
                     break
+                if done < settings.steps and selector.patience_spent(settings.val_patience):
+                    log(f"{name}: stopped after step {done}: {settings.val_patience} validation "
+                        f"pass(es) without beating step {selector.best[1]} (val_patience)")
+                    break
     finally:
         feedback.close()
     if main:
@@ -282,7 +294,7 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
             torch.distributed.broadcast(buf.data, src=0)
     digests = accelerator.gather_for_metrics([weights_digest(module)], use_gather_object=True) \
         if accelerator.num_processes > 1 else [weights_digest(module)]
-    return {"start_step": start, "steps_done": (step + 1) if settings.steps > start else start,
+    return {"start_step": start, "steps_done": (step + 1) if end > start else start,
             "stopped": stopped, "seconds": round(time.perf_counter() - t0, 2), "log": rows,
             "rank_digests": list(digests), "weights_synchronised": len(set(digests)) == 1,
             "num_processes": accelerator.num_processes, "validation": selector.summary()}
@@ -310,12 +322,12 @@ class _BestStep:
             self.scores, self.best = saved["scores"], (saved["best_score"], saved["best_step"])
             self.state = load_file(str(self.file))
 
-    def check(self, step: int, force: bool = False) -> None:
+    def check(self, step: int, force: bool = False, score: float | None = None) -> None:
         if self.validate is None or not (force or step % self.every == 0):
             return
         if self.scores and self.scores[-1][0] == step:
             return
-        score = float(self.validate())
+        score = float(self.validate() if score is None else score)
         self.scores.append([step, score])
         if self.best is None or score < self.best[0]:
             self.best = (score, step)
@@ -334,6 +346,12 @@ class _BestStep:
                                      "best_step": self.best[1]})
         self.log(f"{self.name}: validation {score:.4f} at step {step} (best {self.best[0]:.4f} "
                  f"at step {self.best[1]})")
+
+    def patience_spent(self, patience: int) -> bool:
+        """Whether the last ``patience`` (> 0) validation passes all came after the best."""
+        if self.best is None or patience <= 0:
+            return False
+        return sum(step > self.best[1] for step, _ in self.scores) >= patience
 
     def restore_best(self) -> None:
         if self.state is not None:
