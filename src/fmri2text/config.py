@@ -297,11 +297,14 @@ class Stage2Config:
     # the linear path's weights learn in Stage II too (false: its closed-form map stays, the
     # deep path learns the residual through the LLM)
     train_linear: bool = False
-    # gains of the linear path's predicted deviation tried before training; the one with the
-    # lowest validation CE is kept (models/student.py LinearPath); [1.0] keeps the ridge map
+    # gains of the linear path's predicted deviation tried before training, in increasing
+    # order until the validation CE rises; the lowest is kept (models/student.py LinearPath,
+    # training/stage2.py choose_gain); [1.0] keeps the ridge map
     linear_gains: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5, 1.75, 2.0])
     compare_da: bool = False  # also train the other DA setting (same seed) for the with/without table
-    eval_max_trials: int = 64  # held-out test trials (evenly spaced) for the CE; 0 = all
+    # held-out test trials (evenly spaced) for the CE before and after, a diagnostic (each
+    # pass through the LLM costs ~4 s per 32 trials on 2 cores); 0 = all
+    eval_max_trials: int = 32
     val_every: int = 20  # steps between validation CE passes (best step kept); 0 = keep the last
     val_patience: int = 2  # passes in a row without beating the best before stopping; 0 = never
     seed: int = 0

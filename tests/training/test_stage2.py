@@ -48,8 +48,11 @@ def test_heldout_ce_falls_and_metrics_are_written(trained):
 def test_linear_gain_and_step_are_chosen_on_validation(trained):
     run, m, _, _ = trained
     w = m["with_da"]
-    gain = w["linear_gain"]  # every candidate scored on the validation trials, the best kept
-    assert set(gain["validation_ce"]) == {1.0, 1.25, 1.5, 1.75, 2.0}
+    gain = w["linear_gain"]  # candidates scored on the validation trials until the CE rose
+    tried, ces = list(gain["validation_ce"]), list(gain["validation_ce"].values())
+    assert tried == [1.0, 1.25, 1.5, 1.75, 2.0][:len(tried)] and len(tried) >= 2
+    rises = [b > a for a, b in zip(ces, ces[1:])]
+    assert not any(rises[:-1]) and (len(tried) == 5 or rises[-1])
     assert gain["chosen"] == min(gain["validation_ce"], key=gain["validation_ce"].get)
     s2, _ = load_student(run / "stage2" / "student.safetensors")
     assert float(s2.linear.gain) == gain["chosen"]
@@ -134,3 +137,28 @@ def test_heldout_ce_on_a_subset_takes_trials_spread_over_the_table():
     asked.clear()
     heldout_ce(Model(), Data(), Targets(), batch_size=3, max_trials=0)
     assert asked == list(range(10))
+
+
+def test_gains_are_tried_in_increasing_order_until_the_validation_ce_rises(monkeypatch):
+    from types import SimpleNamespace
+
+    from fmri2text.training import stage2
+
+    path = SimpleNamespace(gain=torch.zeros(()))
+    model = SimpleNamespace(student=SimpleNamespace(linear=path))
+    tried = []
+
+    def ce(model, val, targets, batch_size, offsets=None):
+        g = float(path.gain)
+        tried.append(g)
+        return (g - 1.4) ** 2  # lowest between 1.25 and 1.5
+
+    monkeypatch.setattr(stage2, "heldout_ce", ce)
+    val = [0, 1, 2]
+    out = stage2.choose_gain(model, val, None, 8, None, [2.0, 1.0, 1.5, 1.25, 1.75], lambda _: None)
+    assert tried == [1.0, 1.25, 1.5, 1.75]  # 1.75 rose above 1.5: 2.0 is not tried
+    assert out["chosen"] == 1.5 and float(path.gain) == 1.5
+    tried.clear()  # a CE that falls all the way: every gain is tried, the last kept
+    monkeypatch.setattr(stage2, "heldout_ce", lambda *a, **k: tried.append(1) or -float(path.gain))
+    assert stage2.choose_gain(model, val, None, 8, None, [1.0, 2.0, 3.0], lambda _: None)["chosen"] == 3.0
+    assert len(tried) == 3
