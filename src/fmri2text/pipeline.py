@@ -240,6 +240,7 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
     stops with a :class:`UserError` before anything is trained.
     """
     from fmri2text import decoding, steps
+    from fmri2text.data.datasets import load_windows
     from fmri2text.data.store import prepare
     from fmri2text.evaluation.evaluate import format_table
     from fmri2text.export import export_run_model
@@ -261,17 +262,23 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
     write_text(out / "config.yaml", dump_config(cfg))
     runner = StepRunner(out, cfg, dataset_fingerprint(bids), log)
     quiet = _quiet(log)
+    loaded: list = []  # the dataset's fMRI windows, read by the first step that needs them
+
+    def windows():
+        if not loaded:
+            loaded.append(load_windows(bids, cfg))
+        return loaded[0]
 
     def stage1() -> None:
         steps.check_annotation_store(out, cfg, trials)
-        m = train_stage1(bids, out, cfg, log=quiet, progress=False)
+        m = train_stage1(bids, out, cfg, log=quiet, progress=False, windows=windows())
         if not m.get("completed"):
             raise UserError("Stage I was interrupted", path=out / "stage1",
                             fix="rerun fmri2text run (or fmri2text train stage1 --resume)")
 
     def stage2() -> None:
         steps.check_annotation_store(out, cfg, trials)
-        m = train_stage2(bids, out, cfg, log=quiet, progress=False)
+        m = train_stage2(bids, out, cfg, log=quiet, progress=False, windows=windows())
         if not m[m["main"]].get("completed"):
             raise UserError("Stage II was interrupted", path=out / "stage2",
                             fix="rerun fmri2text run (or fmri2text train stage2 --resume)")
@@ -288,7 +295,7 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
         Step("stage1", stage1, ["stage1/student.safetensors"],
              ["annotate", "pretrain-mbm"] if mbm else ["annotate"]),
         Step("stage2", stage2, ["stage2/student.safetensors"], ["stage1", "annotate"]),
-        Step("decode", lambda: decoding.run_decode(bids, out, cfg, log=log),
+        Step("decode", lambda: decoding.run_decode(bids, out, cfg, log=log, windows=windows()),
              ["predictions.jsonl", "controls/shuffled.jsonl", "controls/prompt_only.jsonl",
               "controls/ridge.jsonl"], ["stage2", "annotate"]),
         Step("evaluate", lambda: decoding.run_evaluate(out, cfg, log), ["metrics.json"],

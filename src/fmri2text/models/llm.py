@@ -167,7 +167,10 @@ def load_llm(name: str = "smollm2", dtype: torch.dtype | str = "auto"):
     Returns
     -------
     (model, tokenizer):
-        The model in eval mode with every parameter's ``requires_grad`` False.
+        The model in eval mode with every parameter's ``requires_grad`` False. One copy per
+        process: a later call with the same folder and dtype returns the same objects (the
+        steps of ``fmri2text run`` share it instead of reading it 4 times), so callers must
+        not change its weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,11 +184,20 @@ def load_llm(name: str = "smollm2", dtype: torch.dtype | str = "auto"):
                                 "holding config.json, weights and a tokenizer")
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    key = (str(folder.resolve()), dtype)
+    if key not in _LOADED:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _LOADED.clear()  # one LLM held at a time
+        _LOADED[key] = (model, tokenizer)
+    model, tokenizer = _LOADED[key]
     return freeze(model), tokenizer
+
+
+#: the LLM :func:`load_llm` last loaded, by (folder, dtype)
+_LOADED: dict[tuple[str, torch.dtype], tuple] = {}
 
 
 def preferred_dtype() -> torch.dtype:
