@@ -277,11 +277,42 @@ def show_config(
     console.print(dump_config(_load(config, overrides)), highlight=False, markup=False)
 
 
+corpus_app = typer.Typer(name="corpus", help="MBM pretraining corpora from many BIDS datasets.",
+                         no_args_is_help=True, add_completion=False,
+                         pretty_exceptions_enable=False)
+
+
+@corpus_app.command("build")
+def corpus_build(
+    bids: list[Path] = typer.Option(..., "--bids", help="A BIDS dataset root (repeat for more)."),
+    out: Path = typer.Option(..., "--out", help="Folder of the corpus (shards + manifest)."),
+    grid: Path = typer.Option(..., "--grid", help="3-D NIfTI whose grid and nonzero voxels the "
+                                                  "windows take, e.g. RUN/prepared/mask.nii.gz."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Dask worker processes (corpus.workers)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="Address of a running Dask scheduler."),
+    config: Optional[Path] = CONFIG_OPT,
+    overrides: Optional[list[str]] = OVERRIDES_ARG,
+) -> None:
+    """Windows of every BOLD run, on one grid, as checksummed Parquet shards (resumable)."""
+    from fmri2text.data.corpus import build_corpus
+
+    flags = {"workers": workers, "scheduler": scheduler}
+    cfg = _load(config, (overrides or []) + [f"corpus.{k}={v}" for k, v in flags.items()
+                                              if v is not None])
+    with run_lock(out, "corpus build"):
+        m = build_corpus(bids, out, grid, cfg, log=console.print)
+    console.print(f"corpus: [bold]{escape(str(out))}[/bold] ({len(m['shards'])} shards, "
+                  f"{m['n_windows']} windows, {len(m['skipped'])} runs skipped)")
+
+
 def _mount_subcommands() -> None:
     from fmri2text.training.cli_train import train_app
 
     app.add_typer(train_app, name="train")
     app.add_typer(teacher_app, name="teacher")
+    app.add_typer(corpus_app, name="corpus")
 
 
 _mount_subcommands()

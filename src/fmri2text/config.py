@@ -353,6 +353,17 @@ class PipelineConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """``fmri2text corpus build``: MBM windows from many BIDS datasets (data/corpus.py). The
+    windows follow the data section (window, high_pass, standardize, smoothing_fwhm)."""
+
+    workers: int = 1  # Dask worker processes of the local cluster (one run each at a time)
+    scheduler: str = ""  # a running Dask scheduler's address (tcp://host:8786) instead
+    stride: int = 0  # volumes between window starts; 0 = data.window (no overlap)
+    row_group: int = 64  # windows per Parquet row group (the unit a reader streams)
+
+
+@dataclass
 class Config:
     """Every setting of a run."""
 
@@ -369,6 +380,7 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -572,6 +584,9 @@ def validate(cfg: Config, source: Any = None) -> None:
         (cfg.teacher.generate_batch_size >= 1, "teacher.generate_batch_size",
          cfg.teacher.generate_batch_size, "at least 1"),
         (p.decode_batch_size >= 1, "pipeline.decode_batch_size", p.decode_batch_size, "at least 1"),
+        (cfg.corpus.workers >= 1, "corpus.workers", cfg.corpus.workers, "at least 1"),
+        (cfg.corpus.stride >= 0, "corpus.stride", cfg.corpus.stride, "0 (= data.window) or more"),
+        (cfg.corpus.row_group >= 1, "corpus.row_group", cfg.corpus.row_group, "at least 1"),
         (p.decode_max_new_tokens >= 1, "pipeline.decode_max_new_tokens", p.decode_max_new_tokens,
          "at least 1"),
         (p.decode_samples >= 0, "pipeline.decode_samples", p.decode_samples,

@@ -1,0 +1,139 @@
+"""The MBM corpus from many BIDS datasets, built on a Dask cluster: the same shards with 1 and
+2 workers, resumable, bad runs skipped and listed, windows as the prepared trials'."""
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fmri2text.config import SimulateConfig, load_config
+from fmri2text.data import corpus
+from fmri2text.errors import UserError
+from fmri2text.simulate.bids_writer import simulate_dataset
+
+SIM = SimulateConfig(subjects=2, runs=2, classes=3, seed=1, resolution=12.0, web_clips=2,
+                     fps=4, frame_size=16)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> tuple[list[Path], Path]:
+    """Two small simulated datasets (other seeds) and a grid mask from the first's runs."""
+    root = tmp_path_factory.mktemp("corpus-data")
+    roots = [simulate_dataset(root / "lab-a", SIM), simulate_dataset(root / "lab-b", replace(SIM, seed=2))]
+    bold = sorted(roots[0].glob("sub-*/**/func/*_bold.nii.gz"))[0]
+    img = nib.load(bold)
+    mask = (np.asarray(img.dataobj).std(axis=3) > 0).astype(np.uint8)
+    grid = root / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(mask, img.affine), grid)
+    return roots, grid
+
+
+def _build(roots, out, grid, workers):
+    cfg = load_config(None, [f"corpus.workers={workers}"])
+    return corpus.build_corpus(roots, out, grid, cfg, log=lambda _: None)
+
+
+def test_two_workers_write_the_same_shards_as_one(datasets, tmp_path):
+    roots, grid = datasets
+    one = _build(roots, tmp_path / "one", grid, 1)
+    two = _build(roots, tmp_path / "two", grid, 2)
+    assert len(one["shards"]) == 8 and one["datasets"] == ["lab-a", "lab-b"]
+    assert [(s["file"], s["sha256"]) for s in one["shards"]] == \
+           [(s["file"], s["sha256"]) for s in two["shards"]]
+    assert {s["dataset"] for s in one["shards"]} == {"lab-a", "lab-b"}
+    assert corpus.verify(tmp_path / "two") == []
+    shard = pq.ParquetFile(tmp_path / "one" / "shards" / one["shards"][0]["file"])
+    table = shard.read()
+    T, V = one["window_shape"]
+    assert V == int(nib.load(grid).get_fdata().astype(bool).sum())
+    assert table.num_rows == one["shards"][0]["n_windows"] > 0
+    x = np.asarray(table.column("x").combine_chunks().flatten()).reshape(-1, T, V)
+    assert x.dtype == np.float16 and np.isfinite(x).all() and x.astype(np.float32).std() > 0.1
+    assert table.column("subject")[0].as_py() == "01" and table.column("start")[1].as_py() == T
+
+
+def test_windows_are_the_runs_cleaned_smoothed_volumes(datasets):
+    """A window is the run's volumes from its start, cleaned and smoothed as prepare's trials."""
+    from fmri2text.data.datasets import smooth_windows
+    from fmri2text.data.fmri import _cleaned, drift_regressors
+
+    roots, grid = datasets
+    cfg = load_config(None, [])
+    run = corpus.find_runs(roots)[0]
+    g = corpus.CorpusGrid.from_image(grid)
+    windows, starts = corpus.run_windows(run, g, corpus.settings_of(cfg))
+    img = nib.load(run.bold)
+    x = np.asarray(img.dataobj, dtype=np.float32).reshape(-1, img.shape[3])[g.mask].T
+    q = np.linalg.qr(drift_regressors(len(x), float(img.header.get_zooms()[3]), cfg.data.high_pass))[0]
+    clean = _cleaned(x, q.astype(np.float32), True)
+    T = cfg.data.window
+    expect = smooth_windows(clean[None, starts[3]:starts[3] + T], g.mask, g.shape, np.asarray(g.affine),
+                            cfg.data.smoothing_fwhm)[0]
+    assert starts[3] == 3 * T
+    np.testing.assert_allclose(windows[3].astype(np.float32), expect, atol=2e-3, rtol=2e-3)
+
+
+def test_a_rebuild_keeps_whole_shards_and_redoes_the_rest(datasets, tmp_path):
+    roots, grid = datasets
+    first = _build(roots, tmp_path, grid, 1)
+    assert first["computed"] == 8
+    lost = tmp_path / "shards" / first["shards"][2]["file"]
+    lost.unlink()  # a shard lost (or never finished: its record then points to nothing)
+    again = _build(roots, tmp_path, grid, 1)
+    assert again["computed"] == 1 and again["shards"] == first["shards"]
+
+
+def test_a_bad_run_is_skipped_named_and_listed(datasets, tmp_path):
+    roots, grid = datasets
+    bad_root = tmp_path / "lab-c"
+    shutil.copytree(roots[1], bad_root)
+    bad = sorted(bad_root.glob("sub-*/**/func/*_bold.nii.gz"))[1]
+    bad.write_bytes(gzip.compress(b"not a nifti image"))
+    messages = []
+    cfg = load_config(None, [])
+    m = corpus.build_corpus([roots[0], bad_root], tmp_path / "c", grid, cfg, log=messages.append)
+    assert [s["source"] for s in m["skipped"]] == [str(bad.resolve())]
+    assert len(m["shards"]) == 7 and "cannot read" in m["skipped"][0]["reason"]
+    assert any(str(bad.resolve()) in msg for msg in messages)
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["skipped"] == m["skipped"]
+
+
+def test_runs_on_another_grid_are_resampled_onto_the_corpus_grid(datasets, tmp_path):
+    roots, grid = datasets
+    g = corpus.CorpusGrid.from_image(grid)
+    img = nib.load(grid)
+    coarse = tmp_path / "coarse.nii.gz"  # the same brain box at twice the voxel size
+    aff = img.affine.copy()
+    aff[:3, :3] *= 2
+    nib.save(nib.Nifti1Image(np.ones([s // 2 + 1 for s in img.shape], np.uint8), aff), coarse)
+    run = corpus.find_runs(roots)[0]
+    windows, _ = corpus.run_windows(run, corpus.CorpusGrid.from_image(coarse),
+                                    corpus.settings_of(load_config(None, [])))
+    assert windows.shape[2] == int(corpus.CorpusGrid.from_image(coarse).mask.sum()) != int(g.mask.sum())
+    assert np.isfinite(windows.astype(np.float32)).all()
+
+
+def test_cli_builds_and_refuses_a_missing_dataset(datasets, tmp_path):
+    roots, grid = datasets
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "fmri2text.cli", "corpus", "build", *args],
+                              capture_output=True, text=True, timeout=600)
+
+    r = cli("--bids", str(roots[0]), "--out", str(tmp_path / "c"), "--grid", str(grid),
+            "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "4 shard(s)" in r.stdout and (tmp_path / "c" / "manifest.json").is_file()
+    r = cli("--bids", str(tmp_path / "nope"), "--out", str(tmp_path / "d"), "--grid", str(grid))
+    assert r.returncode == 2 and "nope" in r.stderr and "BIDS dataset" in r.stderr
+    assert not (tmp_path / "d" / "manifest.json").exists()
+    with pytest.raises(UserError, match="3-D"):
+        corpus.CorpusGrid.from_image(sorted(roots[0].glob("sub-*/**/func/*_bold.nii.gz"))[0])
