@@ -60,7 +60,7 @@ def main() -> None:
         if not (root / "dataset_description.json").is_file():
             simulate_dataset(root, replace(sim, seed=11 + i))
         roots.append(root)
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["split.n_heldout=1"])  # prepare needs a training subject
     prepared = a.data / "prepared-ds1"
     shutil.rmtree(prepared, ignore_errors=True)
     bolds = [r.bold for r in find_runs(roots)]

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from fmri2text.config import SimulateConfig, load_config
 from fmri2text.data import corpus
@@ -137,3 +138,55 @@ def test_cli_builds_and_refuses_a_missing_dataset(datasets, tmp_path):
     assert not (tmp_path / "d" / "manifest.json").exists()
     with pytest.raises(UserError, match="3-D"):
         corpus.CorpusGrid.from_image(sorted(roots[0].glob("sub-*/**/func/*_bold.nii.gz"))[0])
+
+
+@pytest.fixture(scope="module")
+def built(datasets, tmp_path_factory):
+    roots, grid = datasets
+    out = tmp_path_factory.mktemp("built")
+    m = corpus.build_corpus(roots, out, grid, load_config(None, ["corpus.row_group=16"]),
+                            log=lambda _: None)
+    return out, m
+
+
+def test_ranks_stream_disjoint_shards_and_every_window_of_an_epoch(built):
+    out, m = built
+    total = m["n_windows"]
+    seen = []
+    for rank in range(2):
+        s = corpus.CorpusStream(out, rank=rank, world=2, seed=3)
+        assert set(s.files).isdisjoint(corpus.CorpusStream(out, rank=1 - rank, world=2).files)
+        x = s.batch(sum(s.rows))  # one epoch of this rank
+        assert x.shape == (sum(s.rows), *s.input_shape) and s.epoch == 1 and s.k == s.row == 0
+        seen.append(x.flatten(1))
+    assert sum(len(x) for x in seen) == total
+    every = torch.cat(seen)
+    assert len(torch.unique(every, dim=0)) == total  # no window twice, none missing
+
+
+def test_a_stream_resumes_exactly_where_its_state_was_taken(built):
+    out, _ = built
+    a = corpus.CorpusStream(out, seed=5)
+    first = a.batch(50)  # crosses row groups (16) and shards
+    state = a.state()
+    rest = torch.cat([a.batch(37) for _ in range(12)])  # into the next epoch
+    b = corpus.CorpusStream(out, seed=5)
+    b.load_state(json.loads(json.dumps(state)))  # as stored in a checkpoint
+    assert torch.equal(torch.cat([b.batch(37) for _ in range(12)]), rest)
+    assert not torch.equal(first[:37], rest[:37])
+    with pytest.raises(UserError, match="other shards"):
+        corpus.CorpusStream(out, rank=1, world=2).load_state(state)
+
+
+def test_stream_windows_are_the_volumes_stage_one_reads(built, datasets):
+    """Same crop as TrialWindows over the same mask: an encoder pretrained on the corpus
+    takes the decoding data's input shape."""
+    from fmri2text.data.datasets import VolumeCrop
+
+    out, _ = built
+    _, grid = datasets
+    mask = nib.load(grid).get_fdata() != 0
+    s = corpus.CorpusStream(out)
+    assert s.input_shape[1:] == VolumeCrop(mask.reshape(-1), mask.shape).shape
+    train, val = corpus.split_shards(corpus.read_manifest(out), 0.25)
+    assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 8
