@@ -190,8 +190,10 @@ class MBMConfig:
     warmup_steps: int = 20
     mask_ratio: float = 0.75
     clip_grad: float = 0.8  # max gradient norm; 0 disables clipping
-    val_fraction: float = 0.2  # of windows held out to measure reconstruction error
+    val_fraction: float = 0.2  # of windows (of a corpus: of its runs) held out to measure error
     log_every: int = 25
+    checkpoint_every: int = 100  # steps between checkpoints when streaming from a corpus
+    val_windows: int = 256  # held-out windows scored when streaming from a corpus
     seed: int = 0
 
 

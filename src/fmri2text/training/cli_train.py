@@ -1,4 +1,4 @@
-"""``fmri2text train stage1|stage2``: the training recipes on the command line.
+"""``fmri2text train stage1|stage2|mbm``: the training recipes on the command line.
 
 Mounted by the main CLI as ``fmri2text train``. Also runnable as a module, which is how
 several processes are started::
@@ -90,6 +90,32 @@ def stage2(bids: Path = BIDS_OPT, run: Path = RUN_OPT, config: Optional[Path] = 
                   (f"DA effect on {part}: A-distance", eff["a_distance"])]
     pairs.append(("metrics", str(Path(run) / "stage2" / "metrics.json")))
     _summary("Stage II", pairs)
+
+
+@train_app.command()
+def mbm(corpus: Path = typer.Option(..., "--corpus", help="A corpus built by `fmri2text corpus "
+                                                          "build` (manifest.json, shards/)."),
+        run: Path = typer.Option(..., "--run", help="Run directory (writes RUN/mbm/)."),
+        config: Optional[Path] = CONFIG_OPT, resume: bool = RESUME_OPT,
+        progress: bool = PROGRESS_OPT, overrides: Optional[list[str]] = OVERRIDES_ARG) -> None:
+    """Masked brain modeling streamed from a corpus; its encoder starts Stage I with
+    stage1.mbm_checkpoint=auto (or the file's path)."""
+    from fmri2text.config import load_config
+    from fmri2text.io import ensure_output_dir
+    from fmri2text.training.mbm import pretrain_mbm_corpus
+
+    cfg = load_config(config, overrides or [])
+    out = ensure_output_dir(Path(run), what="run directory") / "mbm"
+    m = pretrain_mbm_corpus(corpus, cfg, out, resume=resume, log=_log, progress=progress)
+    if not m.get("completed"):
+        raise typer.Exit(code=130)
+    if "final" in m:
+        _summary("MBM from a corpus", [
+            ("steps", m["steps_done"]), ("seconds", m["seconds"]),
+            ("processes", m["num_processes"]),
+            ("held-out masked MSE", m["final"]["val_mse_model"]),
+            ("mean-predictor MSE", m["final"]["val_mse_mean"]),
+            ("encoder", str(out / "mbm.safetensors"))])
 
 
 def main(argv: list[str] | None = None) -> None:

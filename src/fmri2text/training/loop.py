@@ -193,7 +193,9 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
                stage_dir: Path, config: dict, resume: bool, log: Log, name: str,
                after_step: Callable[[int], None] | None = None, progress: bool = True,
                validate: Callable[[], float] | None = None,
-               first_score: float | None = None) -> dict:
+               first_score: float | None = None,
+               data_state: Callable[[], dict] | None = None,
+               restore_data: Callable[[dict], None] | None = None) -> dict:
     """Run steps ``start..settings.steps-1`` of a recipe; return a summary.
 
     Parameters
@@ -205,6 +207,10 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
     resume : continue from the latest checkpoint in ``stage_dir`` (error if there is none).
     first_score : ``validate()`` of the weights before the first step when the recipe has
         already computed it (not recomputed).
+    data_state, restore_data : a rank's data stream position (a JSON-able dict), gathered
+        from every rank into each checkpoint's ``data_position["stream"]`` (a list by rank),
+        and that list given back on ``--resume``: for data read as a stream rather than
+        indexed by the step number.
 
     Returns
     -------
@@ -222,6 +228,8 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
         state = load_checkpoint(ck)
         restore(module, optimizer, None, state)
         start = int(state.step)
+        if restore_data is not None:
+            restore_data(state.data_position.get("stream") or [])
         log(f"{name}: resumed from {ck} at step {start}")
     log_path = stage_dir / "log.jsonl"
     rows = _read_log(log_path, start) if resume else []
@@ -267,9 +275,15 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
                     write_jsonl(log_path, rows)
                 selector.check(done, force=done == settings.steps)
                 if done % settings.checkpoint_every == 0 or stop_now:
+                    streams = None if data_state is None else [data_state()]  # one per rank
+                    if streams is not None and accelerator.num_processes > 1:
+                        streams = accelerator.gather_for_metrics(streams, use_gather_object=True)
                     if main:
+                        position = {"batch": done}
+                        if streams is not None:
+                            position["stream"] = streams
                         save_checkpoint(stage_dir, done, model_state=trainable_state_dict(module),
-                                        optimizer=optimizer, data_position={"batch": done},
+                                        optimizer=optimizer, data_position=position,
                                         config=config, metrics=row, keep_last=settings.keep_last)
                     accelerator.wait_for_everyone()
                 if stop_now:

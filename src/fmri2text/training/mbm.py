@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from fmri2text.config import Config
+from fmri2text.config import Config, to_dict
 from fmri2text.errors import UserError
 from fmri2text.io import ensure_output_dir, write_json
 from fmri2text.models.brain_encoder import BrainMAE, save_mae, spec_from_config
@@ -81,6 +81,13 @@ def evaluate_mbm(model: BrainMAE, data: WindowSource, idx: np.ndarray, mean_targ
     return {f"val_mse_{k}": v / n_masked for k, v in sums.items()}
 
 
+def _check(m) -> None:
+    if not 0.0 < m.mask_ratio < 1.0 or m.steps < 1 or m.batch_size < 1:
+        raise UserError(f"mbm.mask_ratio={m.mask_ratio}, mbm.steps={m.steps}, "
+                        f"mbm.batch_size={m.batch_size} out of range",
+                        fix="mask_ratio strictly between 0 and 1, steps and batch_size >= 1")
+
+
 def pretrain_mbm(data: WindowSource, cfg: Config, out_dir: str | Path) -> dict:
     """Pretrain tokenizer + encoder by masked brain modeling; return the metrics.
 
@@ -95,10 +102,7 @@ def pretrain_mbm(data: WindowSource, cfg: Config, out_dir: str | Path) -> dict:
         Receives ``mbm.safetensors`` (weights, spec and input shape) and ``mbm_metrics.json``.
     """
     m = cfg.mbm
-    if not 0.0 < m.mask_ratio < 1.0 or m.steps < 1 or m.batch_size < 1:
-        raise UserError(f"mbm.mask_ratio={m.mask_ratio}, mbm.steps={m.steps}, "
-                        f"mbm.batch_size={m.batch_size} out of range",
-                        fix="mask_ratio strictly between 0 and 1, steps and batch_size >= 1")
+    _check(m)
     out_dir = ensure_output_dir(out_dir, what="MBM output folder")
     n = len(data)
     train_idx, val_idx = _split(n, m.val_fraction, m.seed)
@@ -157,6 +161,93 @@ def pretrain_mbm(data: WindowSource, cfg: Config, out_dir: str | Path) -> dict:
     }
     save_mae(model, Path(out_dir) / "mbm.safetensors")
     write_json(Path(out_dir) / "mbm_metrics.json", metrics)
+    return metrics
+
+
+def pretrain_mbm_corpus(corpus: str | Path, cfg: Config, out_dir: str | Path, *,
+                        resume: bool = False, log=print, progress: bool = True) -> dict:
+    """Masked brain modeling streamed from a corpus (:mod:`fmri2text.data.corpus`), in one
+    process or many (``torchrun``; the loop of :mod:`fmri2text.training.loop`).
+
+    Whole runs (``mbm.val_fraction`` of the shards) are held out; each rank streams its own
+    training shards (:class:`~fmri2text.data.corpus.CorpusStream`), one row group in memory,
+    and draws its masks from its own generator. Checkpoints (every ``mbm.checkpoint_every``
+    steps and on SIGTERM) hold every rank's stream position and mask generator, so
+    ``resume`` continues exactly. Writes ``mbm.safetensors`` (loadable as
+    ``stage1.mbm_checkpoint``), ``mbm_metrics.json``, ``log.jsonl`` and ``checkpoints/`` in
+    ``out_dir``; returns the metrics (the main rank's are complete).
+    """
+    from fmri2text.data.corpus import CorpusStream, read_manifest, split_shards
+    from fmri2text.training import loop
+
+    m = cfg.mbm
+    _check(m)
+    out_dir = ensure_output_dir(out_dir, what="MBM output folder")
+    accelerator = loop.make_accelerator()
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    manifest = read_manifest(corpus)
+    train_files, val_files = split_shards(manifest, m.val_fraction, m.seed)
+    if not val_files:
+        raise UserError("the corpus has one shard: nothing to hold out for validation",
+                        path=corpus, fix="build the corpus from two or more runs")
+    stream = CorpusStream(corpus, train_files, rank=rank, world=world, seed=m.seed)
+    val_stream = CorpusStream(corpus, val_files, seed=m.seed)  # the same windows on every rank
+    val = val_stream.batch(min(m.val_windows, sum(val_stream.rows))).numpy()
+    sample = CorpusStream(corpus, train_files, seed=m.seed)  # for the mean-target baseline
+    torch.manual_seed(m.seed)  # the same initial weights on every rank
+    model = BrainMAE(spec_from_config(cfg.encoder), stream.input_shape)
+    with torch.no_grad():
+        x = sample.batch(min(m.val_windows, sum(sample.rows)))
+        mean_target = model.tokenizer.target(x).mean(0)  # (N, F)
+    masks = torch.Generator().manual_seed(m.seed * 1000 + rank)  # each rank its own masks
+    settings = loop.LoopSettings(steps=m.steps, lr=m.lr, weight_decay=m.weight_decay,
+                                 warmup_steps=m.warmup_steps, grad_clip=m.clip_grad,
+                                 checkpoint_every=m.checkpoint_every, keep_last=2,
+                                 log_every=m.log_every)
+    optimizer = loop.adamw(model, settings)
+    for group in optimizer.param_groups:
+        group["betas"] = (m.beta1, m.beta2)
+    initial = evaluate_mbm(model, val, np.arange(len(val)), mean_target, m.mask_ratio, m.batch_size)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    log(f"pretrain-mbm: {manifest['n_windows']} windows in {len(manifest['shards'])} shards of "
+        f"{len(manifest['datasets'])} dataset(s); {len(train_files)} shards to train "
+        f"({len(stream.files)} on this rank of {world}), {len(val)} held-out windows; "
+        f"input {stream.input_shape}")
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        x = stream.batch(m.batch_size).to(accelerator.device)
+        return {"total": wrapped(x, mask_ratio=m.mask_ratio, generator=masks)["loss"]}
+
+    def data_state() -> dict:
+        return {**stream.state(), "masks": masks.get_state().tolist()}
+
+    def restore_data(states: list[dict]) -> None:
+        if len(states) != world:
+            raise UserError(f"the checkpoint holds {len(states)} process(es)' positions, this "
+                            f"run has {world}", path=out_dir,
+                            fix=f"resume with {len(states)} processes (torchrun --nproc_per_node)")
+        stream.load_state(states[rank])
+        masks.set_state(torch.tensor(states[rank]["masks"], dtype=torch.uint8))
+
+    result = loop.train_loop(accelerator=accelerator, module=model, optimizer=optimizer,
+                             settings=settings, step_fn=step_fn, stage_dir=Path(out_dir),
+                             config=to_dict(cfg), resume=resume, log=log, name="pretrain-mbm",
+                             progress=progress, data_state=data_state, restore_data=restore_data)
+    metrics = {"corpus": str(corpus), "n_shards": len(manifest["shards"]),
+               "n_train_shards": len(train_files), "n_val_shards": len(val_files),
+               "n_val_windows": int(len(val)), "input_shape": list(stream.input_shape),
+               "steps": m.steps, "completed": result["stopped"] is None,
+               "steps_done": result["steps_done"], "seconds": result["seconds"],
+               "num_processes": world, "weights_synchronised": result["weights_synchronised"],
+               "rank_digests": result["rank_digests"], "initial": initial}
+    if result["stopped"] is not None or not main:
+        return metrics
+    final = evaluate_mbm(model, val, np.arange(len(val)), mean_target, m.mask_ratio, m.batch_size)
+    metrics.update(final=final, ratio_to_mean_baseline=final["val_mse_model"] / final["val_mse_mean"])
+    save_mae(model, Path(out_dir) / "mbm.safetensors")
+    write_json(Path(out_dir) / "mbm_metrics.json", metrics)
+    log(f"pretrain-mbm: held-out masked MSE {final['val_mse_model']:.3f} vs mean baseline "
+        f"{final['val_mse_mean']:.3f} ({result['seconds']:.1f} s, {world} process(es))")
     return metrics
 
 
