@@ -296,11 +296,13 @@ def corpus_build(
     overrides: Optional[list[str]] = OVERRIDES_ARG,
 ) -> None:
     """Windows of every BOLD run, on one grid, as checksummed Parquet shards (resumable)."""
-    from fmri2text.data.corpus import build_corpus
+    from fmri2text.data.corpus import CorpusGrid, build_corpus, find_runs
 
     flags = {"workers": workers, "scheduler": scheduler}
     cfg = _load(config, (overrides or []) + [f"corpus.{k}={v}" for k, v in flags.items()
                                               if v is not None])
+    find_runs(bids)  # bad inputs are refused before the corpus folder is made
+    CorpusGrid.from_image(grid)
     with run_lock(out, "corpus build"):
         m = build_corpus(bids, out, grid, cfg, log=console.print)
     console.print(f"corpus: [bold]{escape(str(out))}[/bold] ({len(m['shards'])} shards, "

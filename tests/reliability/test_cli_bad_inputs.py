@@ -249,6 +249,15 @@ def _control_missing_fields(work: Path):
     return ["evaluate", "--run", run], [str(run / "controls" / "shuffled.jsonl"), "fmri2text"]
 
 
+def _corpus_bad_grid(work: Path):
+    bold = work / "ds" / "sub-01" / "func" / "sub-01_task-x_bold.nii.gz"
+    bold.parent.mkdir(parents=True)
+    bold.write_bytes(b"")  # listed, not read: the grid is checked first
+    (work / "g.nii.gz").write_text("not an image")
+    return (["corpus", "build", "--bids", work / "ds", "--out", work / "c", "--grid",
+             work / "g.nii.gz"], [str(work / "g.nii.gz"), "mask"])
+
+
 #: Rows that fail today because of a bug in a module this suite may not edit (strict: the
 #: mark must go when the bug is fixed).
 KNOWN_BUGS: dict = {}  # (command, case) -> reason, for bugs found but not yet fixed
@@ -280,6 +289,16 @@ COMMAND_CASES = [
                                                 [str(w / "nope")])),
     Case("annotate", "bids_empty", lambda w: ((w / "b").mkdir() or None) or (
         ["annotate", "--bids", w / "b", "--run", w / "r"], [str(w / "b")])),
+    Case("train", "mbm_corpus_missing", lambda w: (
+        ["train", "mbm", "--corpus", w / "nope", "--run", w / "r"],
+        [str(w / "nope" / "manifest.json"), "corpus build"])),
+    Case("corpus", "build_bids_missing", lambda w: (
+        ["corpus", "build", "--bids", w / "nope", "--out", w / "c", "--grid", w / "g.nii.gz"],
+        [str(w / "nope")])),
+    Case("corpus", "build_grid_not_an_image", _corpus_bad_grid),
+    Case("corpus", "build_workers_zero", lambda w: (
+        ["corpus", "build", "--bids", w, "--out", w / "c", "--grid", w / "g", "--workers", "0"],
+        ["--workers"])),
     Case("pretrain-mbm", "bids_missing", lambda w: (
         ["pretrain-mbm", "--bids", w / "nope", "--run", w / "r"], [str(w / "nope")])),
     Case("decode", "run_missing", lambda w: (["decode", "--bids", w, "--run", w / "nope"],
