@@ -195,7 +195,7 @@ def train_loop(*, accelerator, module: nn.Module, optimizer: torch.optim.Optimiz
                validate: Callable[[], float] | None = None,
                first_score: float | None = None,
                data_state: Callable[[], dict] | None = None,
-               restore_data: Callable[[dict], None] | None = None) -> dict:
+               restore_data: Callable[[list], None] | None = None) -> dict:
     """Run steps ``start..settings.steps-1`` of a recipe; return a summary.
 
     Parameters
