@@ -190,3 +190,23 @@ def test_stream_windows_are_the_volumes_stage_one_reads(built, datasets):
     assert s.input_shape[1:] == VolumeCrop(mask.reshape(-1), mask.shape).shape
     train, val = corpus.split_shards(corpus.read_manifest(out), 0.25)
     assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 8
+
+
+def test_a_truncated_run_on_another_grid_is_a_user_error_naming_it(datasets, tmp_path):
+    """Resampling reads the data first, so a truncated file fails as a skippable UserError."""
+    roots, grid = datasets
+    run = corpus.find_runs(roots)[0]
+    cut = tmp_path / "sub-01" / "func" / Path(run.bold).name
+    cut.parent.mkdir(parents=True)
+    data = Path(run.bold).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    img = nib.load(grid)
+    aff = img.affine.copy()
+    aff[:3, :3] *= 2
+    coarse = tmp_path / "coarse.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones([s // 2 + 1 for s in img.shape], np.uint8), aff), coarse)
+    bad = corpus.find_runs([tmp_path])[0]
+    with pytest.raises(UserError, match="truncated") as err:
+        corpus.run_windows(bad, corpus.CorpusGrid.from_image(coarse),
+                           corpus.settings_of(load_config(None, [])))
+    assert str(cut.resolve()) in str(err.value)

@@ -162,17 +162,18 @@ def _run_series(run: CorpusRun, grid: CorpusGrid) -> tuple[np.ndarray, float]:
     tr = _repetition_time(Path(run.bold), None, float(zooms[3]) if float(zooms[3]) > 0 else None)
     same = tuple(shape[:3]) == grid.shape and np.allclose(img.affine, np.asarray(grid.affine),
                                                            atol=1e-4)
-    if not same:
-        from nilearn.image import resample_img
-
-        img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine, img.header)
-        img = resample_img(img, target_affine=np.asarray(grid.affine), target_shape=grid.shape,
-                           interpolation="continuous", force_resample=True, copy_header=True)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)  # (X, Y, Z, T)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"cannot read the image data (truncated or corrupt file?): {err}",
                         path=run.bold, fix="re-download or re-create this file") from None
+    if not same:
+        from nilearn.image import resample_img
+
+        img = resample_img(nib.Nifti1Image(data, img.affine, img.header),
+                           target_affine=np.asarray(grid.affine), target_shape=grid.shape,
+                           interpolation="continuous", force_resample=True, copy_header=True)
+        data = np.asarray(img.dataobj, dtype=np.float32)
     series = data.reshape(-1, data.shape[3])[grid.mask].T  # (T, V), mask in C order
     if not np.isfinite(series).all():
         raise UserError("the series has NaN or infinite values inside the grid's mask",
