@@ -5,6 +5,7 @@ Each step reads and writes files in a run directory; the CLI is a thin layer ove
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -262,12 +263,8 @@ def run_pipeline(bids: Path | None, out: Path, cfg: Config, *, simulate: bool = 
     write_text(out / "config.yaml", dump_config(cfg))
     runner = StepRunner(out, cfg, dataset_fingerprint(bids), log)
     quiet = _quiet(log)
-    loaded: list = []  # the dataset's fMRI windows, read by the first step that needs them
-
-    def windows():
-        if not loaded:
-            loaded.append(load_windows(bids, cfg))
-        return loaded[0]
+    # the dataset's fMRI windows, read by the first step that needs them
+    windows = functools.cache(lambda: load_windows(bids, cfg))
 
     def stage1() -> None:
         steps.check_annotation_store(out, cfg, trials)

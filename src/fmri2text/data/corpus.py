@@ -250,18 +250,6 @@ def build_shard(run: CorpusRun, grid: CorpusGrid, settings: dict, folder: str) -
     return {**record, "reused": False}
 
 
-def _write_mask(path: Path, grid: CorpusGrid) -> None:
-    """The grid's mask as a NIfTI, as ``prepare`` writes its own (same bytes every time)."""
-    import gzip
-
-    import nibabel as nib
-
-    from fmri2text.io import write_bytes
-
-    img = nib.Nifti1Image(grid.mask.reshape(grid.shape).astype(np.uint8), np.asarray(grid.affine))
-    write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
-
-
 def _peak_rss_mb() -> float:
     import resource
 
@@ -285,6 +273,8 @@ def build_corpus(roots: list[str | Path], out: str | Path, grid: str | Path, cfg
     """Build (or complete) the corpus in ``out`` from the BOLD runs of ``roots`` on the grid
     of the 3-D image ``grid``; return the manifest (see the module docstring)."""
     from distributed import as_completed
+
+    from fmri2text.data.store import write_mask_image
 
     c = cfg.corpus
     runs = find_runs([Path(r) for r in roots])
@@ -321,7 +311,8 @@ def build_corpus(roots: list[str | Path], out: str | Path, grid: str | Path, cfg
                 "skipped": [{"source": results[r.shard]["source"],
                              "reason": results[r.shard]["skipped"]}
                             for r in runs if "skipped" in results[r.shard]]}
-    _write_mask(out / MASK, corpus_grid)
+    write_mask_image(out / MASK, corpus_grid.mask, corpus_grid.shape,
+                     np.asarray(corpus_grid.affine))
     write_json(out / MANIFEST, manifest)
     seconds = time.perf_counter() - t0
     log(f"corpus: {len(shards)} shard(s), {manifest['n_windows']} windows ({computed} computed, "
@@ -399,7 +390,7 @@ class CorpusStream:
         self.input_shape = (self.window_shape[0], *self.crop.shape)
         self.seed = seed
         self.epoch, self.k, self.row = 0, 0, 0
-        self._cached: tuple[int, int, np.ndarray] | None = None  # (shard, group, (n, T*V))
+        self._cached: tuple[int, int, np.ndarray] | None = None  # (shard, first row, (n, T*V))
 
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
@@ -414,7 +405,12 @@ class CorpusStream:
         self.epoch, self.k, self.row = int(state["epoch"]), int(state["k"]), int(state["row"])
 
     def _group(self, shard: int, row: int) -> tuple[np.ndarray, int]:
-        """Row group holding ``row`` of shard ``shard`` as (n, T*V) float16, and its first row."""
+        """Row group holding ``row`` of shard ``shard`` as (n, T*V) float16, and its first row;
+        the shard's file is opened only when the row leaves the group in memory."""
+        cached = self._cached
+        if (cached is not None and cached[0] == shard
+                and cached[1] <= row < cached[1] + len(cached[2])):
+            return cached[2], cached[1]
         import pyarrow.parquet as pq
 
         f = pq.ParquetFile(self.root / SHARDS / self.files[shard])
@@ -422,10 +418,8 @@ class CorpusStream:
         for g in range(f.num_row_groups):
             n = f.metadata.row_group(g).num_rows
             if row < first + n:
-                if self._cached is None or self._cached[:2] != (shard, g):
-                    col = f.read_row_group(g, columns=["x"]).column("x").combine_chunks()
-                    values = np.asarray(col.flatten()).reshape(n, -1)
-                    self._cached = (shard, g, values)
+                col = f.read_row_group(g, columns=["x"]).column("x").combine_chunks()
+                self._cached = (shard, first, np.asarray(col.flatten()).reshape(n, -1))
                 return self._cached[2], first
             first += n
         raise IndexError(f"row {row} beyond shard {self.files[shard]}")

@@ -93,6 +93,12 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def write_mask_image(path: Path, mask: np.ndarray, shape, affine: np.ndarray) -> None:
+    """A flat C-order mask over ``shape`` as a uint8 NIfTI (.nii.gz, same bytes every time)."""
+    img = nib.Nifti1Image(np.asarray(mask).reshape(shape).astype(np.uint8), affine)
+    write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
+
+
 def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -350,9 +356,8 @@ def _prepare_locked(out: Path, all_trials: pd.DataFrame, table: pd.DataFrame, ts
     write_bytes(out / "mask.npy", _npy_bytes(common))
     first = infos[subjects[0]]
     if first["affine"] is not None:
-        img = nib.Nifti1Image(common.reshape(first["grid_shape"]).astype(np.uint8),
-                              np.asarray(first["affine"]))
-        write_bytes(out / "mask.nii.gz", gzip.compress(img.to_bytes(), mtime=0))
+        write_mask_image(out / "mask.nii.gz", common, first["grid_shape"],
+                         np.asarray(first["affine"]))
     write_text(out / "trials.tsv", tsv)
 
     entries, start = {}, 0
