@@ -82,6 +82,32 @@ def test_windows_are_the_runs_cleaned_smoothed_volumes(datasets):
     np.testing.assert_allclose(windows[3].astype(np.float32), expect, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("form", ["nii", "scaled-gz"])
+def test_every_file_form_gives_the_windows_nibabel_reads(datasets, tmp_path, form):
+    """The ISA-L reader (voxels in Fortran order, picked by the C-order mask) and the plain
+    .nii path give the windows of nibabel's float32 data, scaling included."""
+    roots, grid = datasets
+    cfg, g = load_config(None, []), corpus.CorpusGrid.from_image(grid)
+    run = corpus.find_runs(roots)[0]
+    img = nib.load(run.bold)
+    path = tmp_path / "sub-01" / "func" / ("sub-01_task-a_bold.nii" if form == "nii" else
+                                           "sub-01_task-a_bold.nii.gz")
+    path.parent.mkdir(parents=True)
+    out = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
+    if form == "scaled-gz":
+        out.header.set_slope_inter(0.37, 5.0)
+    nib.save(out, path)
+    other = corpus.find_runs([tmp_path])[0]
+    settings = {**corpus.settings_of(cfg), "standardize": False}  # keep the scale visible
+    got = corpus.run_windows(other, g, settings)[0].astype(np.float32)
+    ref = corpus.run_windows(run, g, settings)[0].astype(np.float32)
+    assert ref.std() > 0.1
+    if form == "nii":
+        np.testing.assert_array_equal(got, ref)
+    else:  # drift removal and smoothing are linear: the windows scale with the slope
+        np.testing.assert_allclose(got, 0.37 * ref, atol=2e-2, rtol=2e-3)
+
+
 def test_a_rebuild_keeps_whole_shards_and_redoes_the_rest(datasets, tmp_path):
     roots, grid = datasets
     first = _build(roots, tmp_path, grid, 1)

@@ -143,10 +143,28 @@ def settings_of(cfg: Config) -> dict:
             "smoothing_fwhm": d.smoothing_fwhm, "row_group": c.row_group}
 
 
+_SCRATCH = None  # this process's read buffers, reused run after run (see Scratch)
+
+
+def _scratch():
+    global _SCRATCH
+    from fmri2text.data.nifti import Scratch
+
+    if _SCRATCH is None:
+        _SCRATCH = Scratch()
+    return _SCRATCH
+
+
 def _run_series(run: CorpusRun, grid: CorpusGrid) -> tuple[np.ndarray, float]:
-    """(T, V) float32 of the run's voxels inside the grid's mask, and its TR."""
+    """(T, V) float32 of the run's voxels inside the grid's mask, and its TR.
+
+    The data are read as ``prepare`` reads them (:func:`~fmri2text.data.nifti.read_series`:
+    ``.nii.gz`` inflated once by ISA-L into this worker's reused buffers); nibabel reads
+    only the header here.
+    """
     import nibabel as nib
 
+    from fmri2text.data.nifti import read_series
     from fmri2text.data.preprocessing import _repetition_time
 
     try:
@@ -162,19 +180,24 @@ def _run_series(run: CorpusRun, grid: CorpusGrid) -> tuple[np.ndarray, float]:
     tr = _repetition_time(Path(run.bold), None, float(zooms[3]) if float(zooms[3]) > 0 else None)
     same = tuple(shape[:3]) == grid.shape and np.allclose(img.affine, np.asarray(grid.affine),
                                                            atol=1e-4)
+    scratch = _scratch()
+    data, _, pooled = read_series(run.bold, scratch)  # (T, X*Y*Z), voxels in Fortran order
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)  # (X, Y, Z, T)
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"cannot read the image data (truncated or corrupt file?): {err}",
-                        path=run.bold, fix="re-download or re-create this file") from None
-    if not same:
-        from nilearn.image import resample_img
+        if same:  # the mask's voxels (C order) picked from the Fortran-order columns
+            cols = np.ravel_multi_index(np.unravel_index(np.flatnonzero(grid.mask), grid.shape),
+                                        grid.shape, order="F")
+            series = np.take(data, cols, axis=1).astype(np.float32, copy=False)  # (T, V)
+        else:
+            from nilearn.image import resample_img
 
-        img = resample_img(nib.Nifti1Image(data, img.affine, img.header),
-                           target_affine=np.asarray(grid.affine), target_shape=grid.shape,
-                           interpolation="continuous", force_resample=True, copy_header=True)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    series = data.reshape(-1, data.shape[3])[grid.mask].T  # (T, V), mask in C order
+            volumes = np.asarray(data.T.reshape(*shape, order="F"), dtype=np.float32)
+            img = resample_img(nib.Nifti1Image(volumes, img.affine, img.header),
+                               target_affine=np.asarray(grid.affine), target_shape=grid.shape,
+                               interpolation="continuous", force_resample=True, copy_header=True)
+            del volumes
+            series = np.asarray(img.dataobj, dtype=np.float32).reshape(-1, shape[3])[grid.mask].T
+    finally:
+        scratch.give(pooled)
     if not np.isfinite(series).all():
         raise UserError("the series has NaN or infinite values inside the grid's mask",
                         path=run.bold, fix="re-create this file, or use a mask that excludes them")
@@ -240,7 +263,10 @@ def build_shard(run: CorpusRun, grid: CorpusGrid, settings: dict, folder: str) -
     meta = {"fmri2text.window_shape": json.dumps([T, V])}
     table = pa.table(columns).replace_schema_metadata(meta)
     with atomic_path(parquet) as tmp:
-        pq.write_table(table, str(tmp), row_group_size=settings["row_group"], compression="zstd")
+        # float16 noise: no dictionary (it only costs time), zstd at level 1 (higher levels
+        # take 2x the time for the same size; BENCHMARKS, issue 20)
+        pq.write_table(table, str(tmp), row_group_size=settings["row_group"], compression="zstd",
+                       compression_level=1, use_dictionary=False)
     record = {"shard": run.shard, "file": parquet.name, "key": key, "source": run.bold,
               "dataset": run.dataset, "subject": run.subject, "session": run.session,
               "task": run.task, "run": run.run, "n_windows": int(n),
