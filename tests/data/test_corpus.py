@@ -236,3 +236,25 @@ def test_a_truncated_run_on_another_grid_is_a_user_error_naming_it(datasets, tmp
         corpus.run_windows(bad, corpus.CorpusGrid.from_image(coarse),
                            corpus.settings_of(load_config(None, [])))
     assert str(cut.resolve()) in str(err.value)
+
+
+def test_a_given_scheduler_builds_the_same_shards_after_checking_its_workers(datasets, tmp_path,
+                                                                             monkeypatch):
+    """``corpus.scheduler``: the same shards as a local build; a worker that cannot see a
+    path, or runs other package versions, is a UserError naming it."""
+    from distributed import Client, LocalCluster
+
+    roots, grid = datasets
+    local = _build(roots, tmp_path / "local", grid, 1)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        cfg = load_config(None, [f"corpus.scheduler={cluster.scheduler_address}"])
+        remote = corpus.build_corpus(roots, tmp_path / "remote", grid, cfg, log=lambda _: None)
+        assert [s["sha256"] for s in remote["shards"]] == [s["sha256"] for s in local["shards"]]
+        with pytest.raises(UserError, match="cannot see this path") as err:
+            corpus._check_workers(client, [str(tmp_path / "elsewhere")])
+        assert str(tmp_path / "elsewhere") in str(err.value)
+        calls = iter([{"pyarrow": "26.0.1"}, {"pyarrow": "25.0.0"}])  # here, then the worker
+        monkeypatch.setattr(corpus, "_versions", lambda: next(calls))
+        with pytest.raises(UserError, match="pyarrow 26.0.1 here, 25.0.0 there"):
+            corpus._check_workers(client, [str(tmp_path)])

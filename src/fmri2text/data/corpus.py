@@ -235,6 +235,7 @@ def build_shard(run: CorpusRun, grid: CorpusGrid, settings: dict, folder: str) -
     ``{"shard", "source", "skipped": reason}`` instead of raising."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from threadpoolctl import threadpool_limits
 
     from fmri2text.data.store import sha256_file
     from fmri2text.io import atomic_path
@@ -251,7 +252,11 @@ def build_shard(run: CorpusRun, grid: CorpusGrid, settings: dict, folder: str) -
             return {**record, "reused": True}
     t0 = time.perf_counter()
     try:
-        windows, starts = run_windows(run, grid, settings)
+        # one BLAS thread, as in a Dask process worker (whose nanny sets it): the cleaning's
+        # matrix products round alike in a threaded worker too, so the bytes do not depend
+        # on how the worker was started
+        with threadpool_limits(1):
+            windows, starts = run_windows(run, grid, settings)
     except UserError as err:
         return {"shard": run.shard, "source": run.bold, "skipped": str(err)}
     n, T, V = windows.shape
@@ -294,6 +299,48 @@ def _client(workers: int, scheduler: str):
     return Client(cluster), cluster
 
 
+#: the distributions whose versions decide a shard's bytes (and Dask's own)
+SHARD_PACKAGES = ("fmri2text", "numpy", "scipy", "nibabel", "nilearn", "isal", "pyarrow", "dask",
+                  "distributed")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in SHARD_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def _check_workers(client, paths: list[str]) -> None:
+    """Every worker of a given scheduler sees ``paths`` (runs and output are read and written
+    where the client names them: storage that all of them mount) and has this client's
+    versions of :data:`SHARD_PACKAGES`; a UserError naming the worker otherwise."""
+    import os
+
+    mine = _versions()
+    try:
+        report = client.run(lambda: ({p: os.path.exists(p) for p in paths}, _versions()))
+    except Exception as err:  # noqa: BLE001  (e.g. fmri2text not installed there)
+        raise UserError(f"cannot run on the Dask workers ({type(err).__name__}: {err})",
+                        fix="install fmri2text on every worker (scripts/setup.sh)") from None
+    for worker, (seen, theirs) in sorted(report.items()):
+        for p, ok in seen.items():
+            if not ok:
+                raise UserError(f"Dask worker {worker} cannot see this path", path=p,
+                                fix="put the datasets and --out on storage every worker mounts "
+                                    "at the same path, or build on a local cluster (--workers)")
+        differ = {k: (mine[k], theirs.get(k)) for k in mine if theirs.get(k) != mine[k]}
+        if differ:
+            listed = ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in differ.items())
+            raise UserError(f"Dask worker {worker} runs other package versions ({listed})",
+                            fix="install the same versions on every worker (scripts/setup.sh)")
+
+
 def build_corpus(roots: list[str | Path], out: str | Path, grid: str | Path, cfg: Config,
                  log: Log = print) -> dict:
     """Build (or complete) the corpus in ``out`` from the BOLD runs of ``roots`` on the grid
@@ -315,7 +362,10 @@ def build_corpus(roots: list[str | Path], out: str | Path, grid: str | Path, cfg
         f"{len(client.scheduler_info()['workers'])} Dask worker(s)")
     results: dict[str, dict] = {}
     try:
-        futures = client.map(build_shard, runs, grid=corpus_grid, settings=settings,
+        if c.scheduler:
+            _check_workers(client, [r.bold for r in runs] + [str(folder)])
+        grid_data = client.scatter(corpus_grid, broadcast=True)  # once, not with every task
+        futures = client.map(build_shard, runs, grid=grid_data, settings=settings,
                              folder=str(folder), pure=False)
         for future in as_completed(futures):
             r = future.result()
