@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fmri2text.config import SimulateConfig, load_config
-from fmri2text.data import corpus
+from fmri2text.data import corpus, shards
 from fmri2text.errors import UserError
 from fmri2text.simulate.bids_writer import simulate_dataset
 
@@ -50,7 +50,7 @@ def test_two_workers_write_the_same_shards_as_one(datasets, tmp_path):
     assert [(s["file"], s["sha256"]) for s in one["shards"]] == \
            [(s["file"], s["sha256"]) for s in two["shards"]]
     assert {s["dataset"] for s in one["shards"]} == {"lab-a", "lab-b"}
-    assert corpus.verify(tmp_path / "two") == []
+    assert shards.verify(tmp_path / "two") == []
     shard = pq.ParquetFile(tmp_path / "one" / "shards" / one["shards"][0]["file"])
     table = shard.read()
     T, V = one["window_shape"]
@@ -180,8 +180,8 @@ def test_ranks_stream_disjoint_shards_and_every_window_of_an_epoch(built):
     total = m["n_windows"]
     seen = []
     for rank in range(2):
-        s = corpus.CorpusStream(out, rank=rank, world=2, seed=3)
-        assert set(s.files).isdisjoint(corpus.CorpusStream(out, rank=1 - rank, world=2).files)
+        s = shards.CorpusStream(out, rank=rank, world=2, seed=3)
+        assert set(s.files).isdisjoint(shards.CorpusStream(out, rank=1 - rank, world=2).files)
         x = s.batch(sum(s.rows))  # one epoch of this rank
         assert x.shape == (sum(s.rows), *s.input_shape) and s.epoch == 1 and s.k == s.row == 0
         seen.append(x.flatten(1))
@@ -192,16 +192,16 @@ def test_ranks_stream_disjoint_shards_and_every_window_of_an_epoch(built):
 
 def test_a_stream_resumes_exactly_where_its_state_was_taken(built):
     out, _ = built
-    a = corpus.CorpusStream(out, seed=5)
+    a = shards.CorpusStream(out, seed=5)
     first = a.batch(50)  # crosses row groups (16) and shards
     state = a.state()
     rest = torch.cat([a.batch(37) for _ in range(12)])  # into the next epoch
-    b = corpus.CorpusStream(out, seed=5)
+    b = shards.CorpusStream(out, seed=5)
     b.load_state(json.loads(json.dumps(state)))  # as stored in a checkpoint
     assert torch.equal(torch.cat([b.batch(37) for _ in range(12)]), rest)
     assert not torch.equal(first[:37], rest[:37])
     with pytest.raises(UserError, match="other shards"):
-        corpus.CorpusStream(out, rank=1, world=2).load_state(state)
+        shards.CorpusStream(out, rank=1, world=2).load_state(state)
 
 
 def test_stream_windows_are_the_volumes_stage_one_reads(built, datasets):
@@ -212,9 +212,9 @@ def test_stream_windows_are_the_volumes_stage_one_reads(built, datasets):
     out, _ = built
     _, grid = datasets
     mask = nib.load(grid).get_fdata() != 0
-    s = corpus.CorpusStream(out)
+    s = shards.CorpusStream(out)
     assert s.input_shape[1:] == VolumeCrop(mask.reshape(-1), mask.shape).shape
-    train, val = corpus.split_shards(corpus.read_manifest(out), 0.25)
+    train, val = shards.split_shards(shards.read_manifest(out), 0.25)
     assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 8
 
 

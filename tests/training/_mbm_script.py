@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fmri2text.config import load_config  # noqa: E402
-from fmri2text.data import corpus as corpus_mod  # noqa: E402
+from fmri2text.data import shards  # noqa: E402
 from fmri2text.training.mbm import pretrain_mbm_corpus  # noqa: E402
 
 
@@ -21,7 +21,7 @@ def main() -> None:
     stop = next((int(a[5:]) for a in sys.argv[4:] if a.startswith("stop=")), 0)
     rank = int(os.environ.get("RANK", "0"))
     if stop and rank == 0:  # count the training stream's batches (the one given a rank)
-        real_init, real_batch, calls = corpus_mod.CorpusStream.__init__, corpus_mod.CorpusStream.batch, []
+        real_init, real_batch, calls = shards.CorpusStream.__init__, shards.CorpusStream.batch, []
 
         def init(self, *a, **k):
             real_init(self, *a, **k)
@@ -34,7 +34,7 @@ def main() -> None:
                     os.kill(os.getpid(), signal.SIGTERM)
             return real_batch(self, n)
 
-        corpus_mod.CorpusStream.__init__, corpus_mod.CorpusStream.batch = init, batch
+        shards.CorpusStream.__init__, shards.CorpusStream.batch = init, batch
     cfg = load_config(None, ["encoder.preset=tiny", f"mbm.steps={steps}", "mbm.batch_size=4",
                              "mbm.checkpoint_every=3", "mbm.log_every=1", "mbm.warmup_steps=2",
                              "mbm.val_windows=16", "mbm.lr=1e-3"])  # as MBM in the test

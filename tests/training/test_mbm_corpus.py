@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fmri2text.config import SimulateConfig, load_config
-from fmri2text.data import corpus
+from fmri2text.data import corpus, shards
 from fmri2text.simulate.bids_writer import simulate_dataset
 
 SCRIPT = Path(__file__).with_name("_mbm_script.py")
@@ -93,7 +93,7 @@ def test_stage_one_starts_from_the_corpus_encoder(built, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     path = tmp_path / "mbm" / "mbm.safetensors"
     mae = load_mae(path)
-    shape = corpus.CorpusStream(built).input_shape
+    shape = shards.CorpusStream(built).input_shape
     assert tuple(mae.input_shape) == shape
     cfg = load_config(None, ["encoder.preset=tiny", "encoder.projector_dim=32",
                              "encoder.projector_heads=2", "encoder.linear_rank=0"])

@@ -101,7 +101,7 @@ def mbm(corpus: Path = typer.Option(..., "--corpus", help="A corpus built by `fm
     """Masked brain modeling streamed from a corpus; its encoder starts Stage I with
     stage1.mbm_checkpoint=auto (or the file's path)."""
     from fmri2text.config import load_config
-    from fmri2text.data.corpus import read_manifest
+    from fmri2text.data.shards import read_manifest
     from fmri2text.io import ensure_output_dir
     from fmri2text.training.mbm import pretrain_mbm_corpus
 

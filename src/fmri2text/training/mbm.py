@@ -175,14 +175,14 @@ def pretrain_mbm_corpus(corpus: str | Path, cfg: Config, out_dir: str | Path, *,
     process or many (``torchrun``; the loop of :mod:`fmri2text.training.loop`).
 
     Whole runs (``mbm.val_fraction`` of the shards) are held out; each rank streams its own
-    training shards (:class:`~fmri2text.data.corpus.CorpusStream`), one row group in memory,
+    training shards (:class:`~fmri2text.data.shards.CorpusStream`), one row group in memory,
     and draws its masks from its own generator. Checkpoints (every ``mbm.checkpoint_every``
     steps and on SIGTERM) hold every rank's stream position and mask generator, so
     ``resume`` continues exactly. Writes ``mbm.safetensors`` (loadable as
     ``stage1.mbm_checkpoint``), ``mbm_metrics.json``, ``log.jsonl`` and ``checkpoints/`` in
     ``out_dir``; returns the metrics (the main rank's are complete).
     """
-    from fmri2text.data.corpus import CorpusStream, read_manifest, split_shards
+    from fmri2text.data.shards import CorpusStream, read_manifest, split_shards
     from fmri2text.training import loop
 
     m = cfg.mbm
