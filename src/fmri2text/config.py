@@ -9,15 +9,13 @@ The resolved config is written into every run directory (``config.yaml``).
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from fmri2text.config_parse import apply, dotted_keys, nest, parse_override
 from fmri2text.errors import UserError
 
 INSTRUCTIONS = [
@@ -388,139 +386,9 @@ class Config:
 # ----------------------------------------------------------------------------- validation
 
 
-def _valid_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        t = hints[f.name]
-        if dataclasses.is_dataclass(t):
-            keys.extend(_valid_keys(t, f"{prefix}{f.name}."))
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
 def valid_keys() -> list[str]:
     """All dotted keys a config accepts, e.g. ``data.window``."""
-    return _valid_keys(Config)
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Cast ``value`` to the annotated type ``tp`` or raise a UserError naming both."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key, source)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' must be a list, got {value!r}", path=source,
-                            fix=f"write {key}=[a,b] or a YAML list")
-        return [_coerce(v, item_tp, key, source) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise UserError(f"config key '{key}' must be true or false, got {value!r}", path=source,
-                        fix=f"write {key}=true or {key}=false")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            ok = False
-        elif tp is int:
-            ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        else:
-            ok = isinstance(value, (int, float))
-        if not ok and isinstance(value, str):
-            # YAML 1.1 reads '1e-3' as a string: accept any Python number literal
-            try:
-                number = float(value) if tp is float else int(value)
-            except ValueError:
-                _bad(value, tp, key, source)
-            if tp is float and not math.isfinite(number):
-                raise UserError(f"config key '{key}' must be a finite number, got {value!r}",
-                                path=source, fix=f"set {key} to a finite number")
-            return number
-        if not ok:
-            _bad(value, tp, key, source)
-        if tp is float and not math.isfinite(value):
-            raise UserError(f"config key '{key}' must be a finite number, got {value!r}",
-                            path=source, fix=f"set {key} to a finite number")
-        return tp(value)
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            _bad(value, tp, key, source)
-        return str(value)
-    return value
-
-
-def _bad(value: Any, tp: Any, key: str, source: str):
-    raise UserError(f"config key '{key}' must be {tp.__name__}, got {value!r}", path=source,
-                    fix=f"set {key} to a {tp.__name__} value")
-
-
-def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
-    if not isinstance(data, dict):
-        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
-                        f"got {data!r}", path=source, fix="write it as 'key: value' lines")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise UserError(
-                f"unknown config key '{key}'", path=source,
-                fix="valid keys are: " + ", ".join(valid_keys()))
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            _apply(getattr(obj, k), v if v is not None else {}, f"{key}.", source)
-        else:
-            setattr(obj, k, _coerce(v, tp, key, source))
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise UserError(f"override '{text}' is not of the form key=value",
-                        fix="write e.g. data.window=3 (valid keys: " + ", ".join(valid_keys()) + ")")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    # strings (and lists of strings) are read verbatim, so subject labels keep leading zeros
-    if _is_text_key(key):
-        raw = raw.strip()
-        if raw.startswith("[") and raw.endswith("]"):
-            return key, [v.strip().strip("'\"") for v in raw[1:-1].split(",") if v.strip()]
-        return key, raw
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _is_text_key(key: str) -> bool:
-    cls: Any = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return False
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return False
-        cls = hints[part]
-    return cls is str or cls == list[str]
-
-
-def _nest(key: str, value: Any) -> dict:
-    out: dict = {}
-    cur = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
-    return out
+    return dotted_keys(Config)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -539,11 +407,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except (UnicodeDecodeError, OSError) as err:
             raise UserError(f"cannot read the config file: {err}", path=path,
                             fix="pass a readable UTF-8 YAML text file") from None
-        _apply(cfg, data, "", str(path))
+        apply(cfg, data, "", str(path), valid_keys)
     override_keys = set()
     for text in overrides or []:
-        key, value = _parse_override(text)
-        _apply(cfg, _nest(key, value), "", "command line")
+        key, value = parse_override(text, Config, valid_keys)
+        apply(cfg, nest(key, value), "", "command line", valid_keys)
         override_keys.add(key)
     # an out-of-range value names where it was set: the command line, else the YAML file
     validate(cfg, source=lambda key: "command line" if key in override_keys or path is None else path)
