@@ -25,7 +25,7 @@ PUBLIC = [
     "fmri2text.api.Decoder",
     "fmri2text.data.preprocessing.Trials",
     "fmri2text.export.export_run_model",
-    "fmri2text.api.FORMAT_VERSION",
+    "fmri2text.model_folder.FORMAT_VERSION",
     "fmri2text.config.load_config",
     "fmri2text.pipeline.run_pipeline",
     "fmri2text.errors.UserError",

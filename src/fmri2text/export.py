@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fmri2text.api import MASK_FILE, Decoder, llm_identity
+from fmri2text.api import Decoder
+from fmri2text.model_folder import MASK_FILE, llm_identity
 from fmri2text.config import Config
 from fmri2text.errors import UserError
 from fmri2text.model_card import run_card
