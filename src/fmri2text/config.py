@@ -308,7 +308,11 @@ class Stage2Config:
     # pass through the LLM costs ~3.5 s per 32 trials on 2 cores); 0 = all
     eval_max_trials: int = 32
     val_every: int = 20  # steps between validation CE passes (best step kept); 0 = keep the last
-    val_patience: int = 2  # passes in a row without beating the best before stopping; 0 = never
+    # passes in a row without beating the best before stopping; 0 = never. Off: with passes
+    # at 0/20/40/60 it could only save the last 20 steps, and it stopped both MBM-initialised
+    # demo runs at step 40 on step 0's weights (CE 1.191 -> 1.277 -> 1.198) where step 60
+    # reached 1.123 (BENCHMARKS, session 16); it never stopped a default run
+    val_patience: int = 0
     seed: int = 0
 
 
