@@ -7,7 +7,6 @@
 #        teacher/, annotations/, eval_annotations/ are reused; nothing in RUN is changed)
 #   OUT: where each variant's run directory goes (OUT/<variant>)
 #   variants (default all): full no_linear no_deep mbm_init no_dance no_adaptors
-#   (and mbm_init_all_steps: mbm_init with Stage II never stopped early, not in the default)
 # Prints benchmarks/peers_table.py's rows for each variant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +19,6 @@ declare -A OVERRIDES=(
   [no_linear]="encoder.linear_rank=0 stage1.steps=250"   # the paper's student alone
   [no_deep]="stage1.steps=1 stage1.val_every=1 stage2.lr=1e-12"  # linear path + gain only
   [mbm_init]="stage1.mbm_checkpoint=auto"
-  [mbm_init_all_steps]="stage1.mbm_checkpoint=auto stage2.val_patience=0"
   [no_dance]="loss.domain_adaptation=false"
   [no_adaptors]="encoder.adapter_rank=0"
 )
