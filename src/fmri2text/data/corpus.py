@@ -40,6 +40,7 @@ Design:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -143,16 +144,12 @@ def settings_of(cfg: Config) -> dict:
             "smoothing_fwhm": d.smoothing_fwhm, "row_group": c.row_group}
 
 
-_SCRATCH = None  # this process's read buffers, reused run after run (see Scratch)
-
-
+@functools.cache
 def _scratch():
-    global _SCRATCH
+    """This process's read buffers, reused run after run (see Scratch)."""
     from fmri2text.data.nifti import Scratch
 
-    if _SCRATCH is None:
-        _SCRATCH = Scratch()
-    return _SCRATCH
+    return Scratch()
 
 
 def _run_series(run: CorpusRun, grid: CorpusGrid) -> tuple[np.ndarray, float]:

@@ -81,9 +81,9 @@ def evaluate_mbm(model: BrainMAE, data: WindowSource, idx: np.ndarray, mean_targ
     return {f"val_mse_{k}": v / n_masked for k, v in sums.items()}
 
 
-def _chunks(n: int, size: int) -> list[range]:
-    """0..n-1 in consecutive ranges of at most ``size``."""
-    return [range(a, min(a + size, n)) for a in range(0, n, size)]
+def _batch_sizes(n: int, size: int) -> list[int]:
+    """``n`` items as batches of ``size`` and a last, smaller one."""
+    return [min(size, n - a) for a in range(0, n, size)]
 
 
 def _check(m) -> None:
@@ -198,15 +198,15 @@ def pretrain_mbm_corpus(corpus: str | Path, cfg: Config, out_dir: str | Path, *,
     stream = CorpusStream(corpus, train_files, rank=rank, world=world, seed=m.seed)
     val_stream = CorpusStream(corpus, val_files, seed=m.seed)  # the same windows on every rank
     # held in float16, the shards' own values (lossless), read a batch at a time
-    val = np.concatenate([val_stream.batch(len(c)).numpy().astype(np.float16) for c in
-                          _chunks(min(m.val_windows, sum(val_stream.rows)), m.batch_size)])
+    val = np.concatenate([val_stream.batch(k).numpy().astype(np.float16) for k in
+                          _batch_sizes(min(m.val_windows, sum(val_stream.rows)), m.batch_size)])
     sample = CorpusStream(corpus, train_files, seed=m.seed)  # for the mean-target baseline
     torch.manual_seed(m.seed)  # the same initial weights on every rank
     model = BrainMAE(spec_from_config(cfg.encoder), stream.input_shape)
     with torch.no_grad():  # (N, F) mean target of as many training windows, a batch at a time
         n_mean = min(m.val_windows, sum(sample.rows))
-        mean_target = sum(model.tokenizer.target(sample.batch(len(c))).sum(0)
-                          for c in _chunks(n_mean, m.batch_size)) / n_mean
+        mean_target = sum(model.tokenizer.target(sample.batch(k)).sum(0)
+                          for k in _batch_sizes(n_mean, m.batch_size)) / n_mean
     masks = torch.Generator().manual_seed(m.seed * 1000 + rank)  # each rank its own masks
     settings = loop.LoopSettings(steps=m.steps, lr=m.lr, weight_decay=m.weight_decay,
                                  warmup_steps=m.warmup_steps, grad_clip=m.clip_grad,
