@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fmri2text import machine
 from fmri2text.config import load_config
 from fmri2text.errors import UserError
 from fmri2text.pipeline import STEP_SECTIONS, Step, StepRunner
@@ -90,7 +91,9 @@ def test_run_writes_the_contract(finished_run):
     html = (out / "report.html").read_text()
     assert "sub-03" in html and "<script>alert" not in html
     assert (out / "brain_map.nii.gz").is_file() and (out / "mbm" / "mbm.safetensors").is_file()
-    assert set(json.loads((out / "steps.json").read_text())) == set(STEP_NAMES)
+    steps = json.loads((out / "steps.json").read_text())
+    assert set(steps) == set(STEP_NAMES)
+    assert all(s["machine"] == machine.describe() for s in steps.values())  # where each ran
     # what demo prints: the table, then where the metrics, report and decoder are
     table = r.stdout[r.stdout.index("fMRI2Text vs video2text"):]
     assert "sub-03" in table and "Total" in table and "shuffled" in table

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from fmri2text import machine
 from fmri2text.config import Config, dump_config, to_dict
 from fmri2text.errors import UserError
 from fmri2text.io import ensure_output_dir, write_json, write_text
@@ -150,8 +151,10 @@ class Step:
 class StepRunner:
     """Runs steps in order, skipping one whose config keys, inputs and outputs are unchanged.
 
-    ``RUN/steps.json`` holds, per completed step, ``{config_hash, inputs, outputs, seconds}``;
-    inputs are the dataset fingerprint and the output digests of the steps it follows.
+    ``RUN/steps.json`` holds, per completed step, ``{config_hash, inputs, outputs, seconds,
+    machine}``; inputs are the dataset fingerprint and the output digests of the steps it
+    follows; ``machine`` is where it ran (:func:`fmri2text.machine.describe`: outputs are
+    deterministic per CPU kind), a record only.
     A step is rerun when any of these differ or an output file is missing or altered.
     """
 
@@ -208,7 +211,7 @@ class StepRunner:
             raise RuntimeError(f"step {step.name} did not write {missing}")
         self.records[step.name] = {"config_hash": section_hash(self.cfg, STEP_SECTIONS[step.name]),
                                    "inputs": self._inputs(step), "outputs": outputs,
-                                   "seconds": round(seconds, 2)}
+                                   "seconds": round(seconds, 2), "machine": machine.describe()}
         if isinstance(result, dict) and result.get("health") is not None:
             self.records[step.name]["health"] = result["health"]  # e.g. the teacher's
         write_json(self.path, self.records)

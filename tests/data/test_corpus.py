@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from fmri2text import machine
 from fmri2text.config import SimulateConfig, load_config
 from fmri2text.data import corpus, shards
 from fmri2text.errors import UserError
@@ -50,6 +51,8 @@ def test_two_workers_write_the_same_shards_as_one(datasets, tmp_path):
     assert [(s["file"], s["sha256"]) for s in one["shards"]] == \
            [(s["file"], s["sha256"]) for s in two["shards"]]
     assert {s["dataset"] for s in one["shards"]} == {"lab-a", "lab-b"}
+    # the bytes are deterministic per CPU kind: each shard names the machine that made it
+    assert all(s["machine"] == machine.describe() for s in one["shards"] + two["shards"])
     assert shards.verify(tmp_path / "two") == []
     shard = pq.ParquetFile(tmp_path / "one" / "shards" / one["shards"][0]["file"])
     table = shard.read()

@@ -4,8 +4,9 @@
 
     out/shards/<dataset>_<run>.parquet   windows of one BOLD run: float16 (T x V) each,
                                          with dataset, subject, session, task, run, start
-    out/shards/<dataset>_<run>.json      the shard's record (key, sha256, windows), written
-                                         after its Parquet file: a shard with one is whole
+    out/shards/<dataset>_<run>.json      the shard's record (key, sha256, windows, the machine
+                                         that computed it), written after its Parquet file:
+                                         a shard with one is whole
     out/mask.nii.gz                      the grid and its mask (readers crop with it)
     out/manifest.json                    written last: grid, settings, shards with checksums,
                                          skipped runs with the reason
@@ -29,7 +30,9 @@ Design:
   default, or the scheduler at ``corpus.scheduler``. A task reads one run and writes its
   shard, so a worker holds one run at a time whatever the corpus size, and a shard's bytes
   depend only on its run, the grid and the settings: any number of workers writes the same
-  files.
+  files. On the same kind of CPU: numpy's and scipy's kernels round differently on AVX2
+  and AVX-512, so each shard records the machine that computed it
+  (:func:`fmri2text.machine.describe`), kept in the manifest.
 - **Atomic and resumable**: a shard is written to a temporary name and renamed, then its
   record; ``manifest.json`` is removed first and written last. A rerun keeps every shard
   whose record's key (source fingerprint, grid, settings) matches and whose file has the
@@ -234,6 +237,7 @@ def build_shard(run: CorpusRun, grid: CorpusGrid, settings: dict, folder: str) -
     import pyarrow.parquet as pq
     from threadpoolctl import threadpool_limits
 
+    from fmri2text import machine
     from fmri2text.data.store import sha256_file
     from fmri2text.io import atomic_path
 
@@ -273,6 +277,7 @@ def build_shard(run: CorpusRun, grid: CorpusGrid, settings: dict, folder: str) -
               "dataset": run.dataset, "subject": run.subject, "session": run.session,
               "task": run.task, "run": run.run, "n_windows": int(n),
               "bytes": parquet.stat().st_size, "sha256": sha256_file(parquet),
+              "machine": machine.describe(),  # shards are deterministic per CPU kind
               "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
     write_json(record_path, record)
     return {**record, "reused": False}
