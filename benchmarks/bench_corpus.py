@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from fmri2text import machine  # noqa: E402
 from fmri2text.config import SimulateConfig, load_config  # noqa: E402
 from fmri2text.data.corpus import build_corpus, find_runs  # noqa: E402
 from fmri2text.data.store import prepare  # noqa: E402
@@ -64,8 +65,8 @@ def main() -> None:
     prepared = a.data / "prepared-ds1"
     shutil.rmtree(prepared, ignore_errors=True)
     bolds = [r.bold for r in find_runs(roots)]
-    print(f"machine: {os.cpu_count()} cores; {len(roots)} datasets, {len(bolds)} runs, "
-          f"{_mb(bolds):.0f} MB of .nii.gz")
+    print(f"machine: {os.cpu_count()} cores, {machine.describe()}; {len(roots)} datasets, "
+          f"{len(bolds)} runs, {_mb(bolds):.0f} MB of .nii.gz")
     for p in bolds:  # into the page cache before any timing
         Path(p).read_bytes()
 

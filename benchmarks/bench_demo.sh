@@ -18,6 +18,7 @@ measure() {  # name, command...
   printf '%-10s wall %-10s peak RSS %6.2f GB\n' "$name" "$wall" "$(awk -v r="$rss" 'BEGIN{print r/1048576}')"
 }
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GB, $(uname -m); $(date -u +%F)"
+echo "cpu: $(.venv/bin/python -c 'from fmri2text import machine; print(machine.describe())')"
 measure simulate "$BIN" simulate --out "$OUT/sim"
 measure demo_cold "$BIN" demo --out "$OUT/demo"
 measure demo_warm "$BIN" demo --out "$OUT/demo"
