@@ -4,6 +4,10 @@
 on first use, so ``import fmri2text`` stays cheap (no torch, no transformers).
 """
 
+from fmri2text import machine as _machine
+
+_machine.pin_kernels()  # before anything loads torch or numpy (FMRI2TEXT_CPU_KERNELS)
+
 __version__ = "0.1.0"
 __all__ = ["Decoder", "export_run_model", "__version__"]
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fmri2text import __version__
+from fmri2text import __version__, machine
 from fmri2text.errors import UserError
 from fmri2text.io import run_lock
 
@@ -277,6 +277,17 @@ def show_config(
     console.print(dump_config(_load(config, overrides)), highlight=False, markup=False)
 
 
+@app.command("machine")
+def show_machine() -> None:
+    """Print this machine's compute kind and digests of the kernels the pipeline uses, as
+    JSON: two machines (or two FMRI2TEXT_CPU_KERNELS settings) with the same digests
+    compute alike."""
+    import json
+
+    console.print(json.dumps({"machine": machine.describe(), "digests": machine.kernel_digests()},
+                             indent=1), highlight=False, markup=False)
+
+
 corpus_app = typer.Typer(name="corpus", help="MBM pretraining corpora from many BIDS datasets.",
                          no_args_is_help=True, add_completion=False,
                          pretty_exceptions_enable=False)
@@ -336,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     also with exit code 2.
     """
     try:
+        machine.kernels()  # a bad FMRI2TEXT_CPU_KERNELS stops here, before any work
         app(args=argv, prog_name="fmri2text")
     except UserError as err:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False,

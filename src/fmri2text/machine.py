@@ -5,13 +5,57 @@ their kernels from the instruction set (AVX2, AVX-512, ...), and kernels of two 
 differently in the last bits. Those bits can change a sampled token, and every later byte.
 So a result records where it was computed; two runs that differ can then be told apart
 from a bug.
+
+``FMRI2TEXT_CPU_KERNELS=avx2`` asks every library for its AVX2 kernels on any x86-64 CPU
+(:func:`pin_kernels`), so that an AVX-512 machine computes what an AVX2 one does. On an
+AVX2 machine it changes no byte (BENCHMARKS); on AVX-512 machines it is not yet measured.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import sys
 from pathlib import Path
+
+#: the environment variable that picks the CPU kernels: ``native`` (default: each library's
+#: best for this CPU) or ``avx2`` (AVX2's kernels on every x86-64 CPU, AVX-512 ones too)
+KERNELS_ENV = "FMRI2TEXT_CPU_KERNELS"
+KERNELS = ("native", "avx2")
+#: what ``avx2`` sets before torch and numpy load: ATen's vectorised kernels, MKL's
+#: conditional numerical reproducibility mode, oneDNN's instruction-set cap, and OpenBLAS's
+#: kernels (numpy, scipy) for Haswell, the AVX2 kind. A variable already set is kept.
+AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                "OPENBLAS_CORETYPE": "Haswell"}
+_late: list[str] = []  # libraries already loaded when the kernels were pinned
+
+
+def pin_kernels() -> None:
+    """Apply :data:`KERNELS_ENV` (``import fmri2text`` calls this first thing).
+
+    ``avx2`` takes effect only for the libraries not yet loaded: the ``fmri2text`` command
+    loads none before this, a script must ``import fmri2text`` before torch and numpy
+    (:func:`describe` records which were too late). Not x86-64: nothing to pin.
+    """
+    if os.environ.get(KERNELS_ENV) != "avx2":
+        return
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    _late[:] = [m for m in ("torch", "numpy") if m in sys.modules]
+    for key, value in AVX2_KERNELS.items():
+        os.environ.setdefault(key, value)
+
+
+def kernels() -> str:
+    """The kernels asked for by :data:`KERNELS_ENV`, checked: a UserError names the bad value."""
+    choice = os.environ.get(KERNELS_ENV) or "native"
+    if choice not in KERNELS:
+        from fmri2text.errors import UserError
+
+        raise UserError(f"{KERNELS_ENV}={choice!r} is not one of {', '.join(KERNELS)}",
+                        fix=f"unset {KERNELS_ENV} (native kernels) or set it to avx2")
+    return choice
 
 
 #: the instruction-set flags that decide the CPU kernels (and whether bf16 is native)
@@ -25,10 +69,11 @@ def describe() -> dict[str, object]:
     Returns
     -------
     ``cpu``: the processor's model name; ``isa``: which of :data:`ISA_FLAGS` it has
-    (``avx512_bf16``: bf16 in hardware; without it bf16 is emulated, 40-85x slower); ``torch_cpu``: the instruction set torch
-    dispatches its CPU kernels for (``torch.backends.cpu.get_cpu_capability()``, e.g.
-    ``"AVX2"``, ``"AVX512"``); ``blas``: numpy's BLAS and the kernels it chose (e.g.
-    ``"openblas Haswell"``); ``cuda``: the GPU's name, or None.
+    (``avx512_bf16``: bf16 in hardware; without it bf16 is emulated, 40-85x slower);
+    ``torch_cpu``: the instruction set torch dispatches its CPU kernels for
+    (``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX2"``, ``"AVX512"``); ``blas``: numpy's BLAS and the kernels it chose (e.g.
+    ``"openblas Haswell"``); ``kernels``: :data:`KERNELS_ENV`'s choice, with the
+    libraries it came too late for; ``cuda``: the GPU's name, or None.
     """
     import torch
     from threadpoolctl import threadpool_info
@@ -36,8 +81,10 @@ def describe() -> dict[str, object]:
     blas = [f"{i['internal_api']} {i.get('architecture') or ''}".strip()
             for i in threadpool_info() if i.get("user_api") == "blas"]
     model, flags = _cpu_info()
-    return {"cpu": model, "isa": [f for f in ISA_FLAGS if f in flags], "torch_cpu": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": model, "isa": [f for f in ISA_FLAGS if f in flags],
+            "torch_cpu": torch.backends.cpu.get_cpu_capability(),
             "blas": ", ".join(blas) or None,
+            "kernels": kernels() + (f" (too late for {', '.join(_late)})" if _late else ""),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
@@ -55,3 +102,39 @@ def _cpu_info() -> tuple[str, set[str]]:
     except OSError:
         pass
     return model or platform.processor() or platform.machine(), flags
+
+
+def kernel_digests() -> dict[str, str]:
+    """SHA-256 prefixes of small computations through the kernels the pipeline uses: a
+    linear layer at the LLM's width (MKL), a 3-D convolution (oneDNN), a softmax over the
+    LLM's vocabulary (ATen), numpy's matrix product and QR (OpenBLAS), scipy's Gaussian
+    smoothing. Two machines, or two settings of :data:`KERNELS_ENV`, that give the same
+    digests compute these alike (``fmri2text machine`` prints them). One thread each: the
+    digests name the kernels, not how a product was split over threads."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    from scipy.ndimage import gaussian_filter
+    from threadpoolctl import threadpool_limits
+
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    x, w = torch.randn(64, 576, generator=gen), torch.randn(1536, 576, generator=gen)
+    vol = torch.randn(2, 1, 16, 16, 16, generator=gen)
+    kernel = torch.randn(8, 1, 3, 3, 3, generator=gen)
+    logits = torch.randn(8, 49152, generator=gen)
+    a, b = rng.standard_normal((200, 300), np.float32), rng.standard_normal((300, 100), np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1), torch.no_grad():
+            outs = {"linear": torch.nn.functional.linear(x, w).numpy(),
+                    "conv3d": torch.nn.functional.conv3d(vol, kernel).numpy(),
+                    "softmax": torch.softmax(logits, -1).numpy(),
+                    "numpy_matmul": a @ b, "numpy_qr": np.linalg.qr(a)[0],
+                    "gaussian_filter": gaussian_filter(a, 2.0)}
+    finally:
+        torch.set_num_threads(threads)
+    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16]
+            for k, v in outs.items()}

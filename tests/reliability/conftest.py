@@ -69,14 +69,16 @@ BATCH_SCRIPT = Path(__file__).with_name("cli_batch.py")
 
 def run_cli_batch(cases: list[tuple[list, Path]], results_path: Path,
                   timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Run several ``(argv, cwd)`` command lines through ``fmri2text.cli.main`` in one subprocess.
+    """Run several ``(argv, cwd[, env])`` command lines through ``fmri2text.cli.main`` in one
+    subprocess (``env``: variables set for that command alone).
 
     ``results_path`` receives the batch's JSON results (keep it outside the cases' folders).
     """
-    payload = json.dumps([{"argv": [str(a) for a in argv], "cwd": str(cwd)} for argv, cwd in cases])
+    payload = json.dumps([{"argv": [str(a) for a in c[0]], "cwd": str(c[1]),
+                           "env": c[2] if len(c) > 2 else {}} for c in cases])
     r = subprocess.run([sys.executable, str(BATCH_SCRIPT), str(results_path)], input=payload,
                        capture_output=True, text=True, env=cli_env(), timeout=timeout)
     assert r.returncode == 0, r.stderr
     data = json.loads(Path(results_path).read_text(encoding="utf-8"))
-    return [subprocess.CompletedProcess(argv, d["returncode"], d["stdout"], d["stderr"])
-            for (argv, _), d in zip(cases, data)]
+    return [subprocess.CompletedProcess(c[0], d["returncode"], d["stdout"], d["stderr"])
+            for c, d in zip(cases, data)]

@@ -115,7 +115,7 @@ def config_results(tmp_path_factory) -> dict:
             runs[(command, name)] = (args, work, needles, snapshot(work))
     results = run_cli_batch([(a, w) for a, w, _, _ in runs.values()],
                             tmp_path_factory.mktemp("batch") / "config.json")
-    return {key: (r, *rest[1:]) for (key, rest), r in zip(runs.items(), results)}
+    return {key: (r, *rest[1:4]) for (key, rest), r in zip(runs.items(), results)}
 
 
 @pytest.mark.parametrize("bad", list(BAD_CONFIGS), ids=list(BAD_CONFIGS))
@@ -168,11 +168,13 @@ def _run_dir(work: Path) -> Path:
 
 @dataclass
 class Case:
-    """One malformed input of one command: ``setup(work) -> (args, needles)``."""
+    """One malformed input of one command: ``setup(work) -> (args, needles)``, run with the
+    environment variables ``env``."""
 
     command: str
     name: str
     setup: Callable[[Path], tuple[list[str], list[str]]]
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _metrics_case(content: bytes | str | None, needle: str = "metrics.json"):
@@ -334,6 +336,10 @@ COMMAND_CASES = [
     Case("report", "predictions_bad_line", _bad_predictions),
     Case("report", "out_is_folder", lambda w: (["report", "--run", _run_dir(w), "--out", w],
                                                [str(w)])),
+    # read when fmri2text is imported (the CPU kernels), checked before any command runs
+    Case("machine", "cpu_kernels_unknown", lambda w: (["machine"], ["FMRI2TEXT_CPU_KERNELS",
+                                                                    "avx512", "native, avx2"]),
+         env={"FMRI2TEXT_CPU_KERNELS": "avx512"}),
     Case("report", "samples_negative", lambda w: (["report", "--run", _run_dir(w), "--samples", "-1"],
                                                   ["--samples"])),
 ]
@@ -346,10 +352,10 @@ def command_results(tmp_path_factory) -> dict:
     for case in COMMAND_CASES:
         work = tmp_path_factory.mktemp(f"{case.command}-{case.name}")
         args, needles = case.setup(work)
-        runs[(case.command, case.name)] = (args, work, needles, snapshot(work))
-    results = run_cli_batch([(a, w) for a, w, _, _ in runs.values()],
+        runs[(case.command, case.name)] = (args, work, needles, snapshot(work), case.env)
+    results = run_cli_batch([(a, w, env) for a, w, _, _, env in runs.values()],
                             tmp_path_factory.mktemp("batch") / "commands.json")
-    return {key: (r, *rest[1:]) for (key, rest), r in zip(runs.items(), results)}
+    return {key: (r, *rest[1:4]) for (key, rest), r in zip(runs.items(), results)}
 
 
 def _case_param(case: Case):
