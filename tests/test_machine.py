@@ -22,7 +22,8 @@ print(json.dumps({"env": {k: os.environ.get(k) for k in machine.AVX2_KERNELS},
 """
 
 x86_avx2 = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64") or "avx2" not in machine.describe()["isa"],
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or "avx2" not in machine.describe()["isa"],
     reason="FMRI2TEXT_CPU_KERNELS=avx2 pins AVX2 kernels on x86-64 CPUs that have AVX2")
 
 
@@ -38,7 +39,8 @@ def _probe(code: str = PROBE, **env: str) -> dict:
 @x86_avx2
 def test_avx2_kernels_are_pinned_before_torch_and_numpy_load():
     native, pinned = _probe(), _probe(FMRI2TEXT_CPU_KERNELS="avx2")
-    assert all(v is None for v in native["env"].values()) and native["machine"]["kernels"] == "native"
+    assert all(v is None for v in native["env"].values())
+    assert native["machine"]["kernels"] == "native"
     assert pinned["env"] == machine.AVX2_KERNELS and pinned["machine"]["kernels"] == "avx2"
     assert pinned["machine"]["torch_cpu"] == "AVX2"  # ATen took the cap, on AVX-512 CPUs too
     assert pinned["machine"]["blas"] == "openblas Haswell"  # numpy's OpenBLAS too

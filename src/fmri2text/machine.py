@@ -28,7 +28,7 @@ KERNELS = ("native", "avx2")
 #: kernels (numpy, scipy) for Haswell, the AVX2 kind. A variable already set is kept.
 AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                 "OPENBLAS_CORETYPE": "Haswell"}
-_late: list[str] = []  # libraries already loaded when the kernels were pinned
+_pin_note: list[str] = []  # why the pin did not (fully) take: libraries already loaded, not x86
 
 
 def pin_kernels() -> None:
@@ -41,8 +41,10 @@ def pin_kernels() -> None:
     if os.environ.get(KERNELS_ENV) != "avx2":
         return
     if platform.machine().lower() not in ("x86_64", "amd64"):
+        _pin_note[:] = ["not x86-64: native kernels"]
         return
-    _late[:] = [m for m in ("torch", "numpy") if m in sys.modules]
+    late = [m for m in ("torch", "numpy") if m in sys.modules]
+    _pin_note[:] = [f"too late for {', '.join(late)}"] if late else []
     for key, value in AVX2_KERNELS.items():
         os.environ.setdefault(key, value)
 
@@ -71,20 +73,23 @@ def describe() -> dict[str, object]:
     ``cpu``: the processor's model name; ``isa``: which of :data:`ISA_FLAGS` it has
     (``avx512_bf16``: bf16 in hardware; without it bf16 is emulated, 40-85x slower);
     ``torch_cpu``: the instruction set torch dispatches its CPU kernels for
-    (``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX2"``, ``"AVX512"``); ``blas``: numpy's BLAS and the kernels it chose (e.g.
-    ``"openblas Haswell"``); ``kernels``: :data:`KERNELS_ENV`'s choice, with the
-    libraries it came too late for; ``cuda``: the GPU's name, or None.
+    (``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX2"``, ``"AVX512"``);
+    ``blas``: numpy's BLAS and the kernels it chose (e.g. ``"openblas Haswell"``);
+    ``kernels``: :data:`KERNELS_ENV`'s choice, with why it did not fully take where it did
+    not (libraries loaded before it, not an x86-64 CPU); ``cuda``: the GPU's name, or None.
     """
+    import numpy  # noqa: F401  (both BLAS builds loaded: the record does not depend on
+    import scipy.linalg  # noqa: F401  what the caller happened to import before)
     import torch
     from threadpoolctl import threadpool_info
 
-    blas = [f"{i['internal_api']} {i.get('architecture') or ''}".strip()
-            for i in threadpool_info() if i.get("user_api") == "blas"]
+    blas = sorted({f"{i['internal_api']} {i.get('architecture') or ''}".strip()
+                   for i in threadpool_info() if i.get("user_api") == "blas"})
     model, flags = _cpu_info()
     return {"cpu": model, "isa": [f for f in ISA_FLAGS if f in flags],
             "torch_cpu": torch.backends.cpu.get_cpu_capability(),
             "blas": ", ".join(blas) or None,
-            "kernels": kernels() + (f" (too late for {', '.join(_late)})" if _late else ""),
+            "kernels": kernels() + "".join(f" ({n})" for n in _pin_note),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
