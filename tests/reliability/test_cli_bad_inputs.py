@@ -115,7 +115,7 @@ def config_results(tmp_path_factory) -> dict:
             runs[(command, name)] = (args, work, needles, snapshot(work))
     results = run_cli_batch([(a, w) for a, w, _, _ in runs.values()],
                             tmp_path_factory.mktemp("batch") / "config.json")
-    return {key: (r, *rest[1:4]) for (key, rest), r in zip(runs.items(), results)}
+    return {key: (r, *rest[1:]) for (key, rest), r in zip(runs.items(), results)}
 
 
 @pytest.mark.parametrize("bad", list(BAD_CONFIGS), ids=list(BAD_CONFIGS))
@@ -352,10 +352,10 @@ def command_results(tmp_path_factory) -> dict:
     for case in COMMAND_CASES:
         work = tmp_path_factory.mktemp(f"{case.command}-{case.name}")
         args, needles = case.setup(work)
-        runs[(case.command, case.name)] = (args, work, needles, snapshot(work), case.env)
-    results = run_cli_batch([(a, w, env) for a, w, _, _, env in runs.values()],
-                            tmp_path_factory.mktemp("batch") / "commands.json")
-    return {key: (r, *rest[1:4]) for (key, rest), r in zip(runs.items(), results)}
+        runs[(case.command, case.name)] = (args, work, needles, snapshot(work))
+    lines = [(a, w, case.env) for (a, w, _, _), case in zip(runs.values(), COMMAND_CASES)]
+    results = run_cli_batch(lines, tmp_path_factory.mktemp("batch") / "commands.json")
+    return {key: (r, *rest[1:]) for (key, rest), r in zip(runs.items(), results)}
 
 
 def _case_param(case: Case):
