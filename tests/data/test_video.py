@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmri2text.data.video import IMAGENET_MEAN, IMAGENET_STD, read_frames, sample_indices
+from fmri2text.data.video import (IMAGENET_MEAN, IMAGENET_STD, decode_rgb, read_frames,
+                                  resize_center_crop, sample_indices)
 from fmri2text.errors import UserError
 
 
@@ -37,6 +38,19 @@ def test_read_frames_shape_order_and_normalisation(tmp_path: Path):
     levels = rgb.mean(dim=(1, 2, 3)).numpy() * 255
     np.testing.assert_allclose(levels, [20, 80, 140, 200], atol=6)
     np.testing.assert_array_equal(sample_indices(12, 4), [1, 4, 7, 10])
+
+
+def test_read_frames_equals_every_frame_decoded_then_sampled(tmp_path: Path):
+    """Only the sampled frames are converted to RGB, and [0, 1] output skips normalising:
+    both give exactly what converting every frame and normalising with (0, 1) gave."""
+    clip = _write_mp4(tmp_path / "clip.mp4", n_frames=11, h=24, w=40)
+    every = decode_rgb(clip)  # 11 frames
+    picked = np.stack([every[i] for i in sample_indices(len(every), 5)])
+    ref = resize_center_crop(torch.from_numpy(picked).permute(0, 3, 1, 2).float().div_(255.0), 16)
+    raw = read_frames(clip, n_frames=5, size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert torch.equal(raw, ref) and raw.is_contiguous()
+    m, s = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.equal(read_frames(clip, n_frames=5, size=16), ((ref - m) / s).contiguous())
 
 
 def test_missing_undecodable_and_short_clips(tmp_path: Path):

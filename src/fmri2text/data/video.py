@@ -21,28 +21,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode_rgb(path: str | Path) -> list[np.ndarray]:
-    """Every frame of the first video stream as (H, W, 3) uint8 arrays."""
+def decode_frames(path: str | Path) -> list:
+    """Every frame of the first video stream, decoded (``av.VideoFrame``, not yet converted)."""
     import av
 
     path = Path(path)
     if not path.is_file():
         raise UserError("video file not found", path=path,
                         fix="check stim_file in the events file and the stimuli/ folder")
-    frames: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise UserError("file has no video stream", path=path, fix="pass an mp4 video")
-            stream = container.streams.video[0]
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+            return list(container.decode(container.streams.video[0]))
     except UserError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as err:
         raise UserError(f"cannot decode the video: {err}", path=path,
                         fix="re-encode the clip (e.g. H.264 mp4) or replace the file") from None
-    return frames
+
+
+def decode_rgb(path: str | Path) -> list[np.ndarray]:
+    """Every frame of the first video stream as (H, W, 3) uint8 arrays."""
+    return [frame.to_ndarray(format="rgb24") for frame in decode_frames(path)]
 
 
 def sample_indices(n_available: int, n_frames: int) -> np.ndarray:
@@ -85,13 +86,17 @@ def read_frames(path: str | Path, n_frames: int, size: int,
     if n_frames < 1 or size < 1:
         raise UserError(f"n_frames={n_frames} and size={size} must both be at least 1",
                         fix="ask for one or more frames of at least 1 pixel")
-    frames = decode_rgb(path)
+    frames = decode_frames(path)
     if len(frames) < n_frames:
         raise UserError(f"the clip has {len(frames)} frames, fewer than the {n_frames} requested",
                         path=path, fix="use a longer clip or request fewer frames")
-    picked = np.stack([frames[i] for i in sample_indices(len(frames), n_frames)])  # (F, H, W, 3)
+    # only the sampled frames are converted to RGB (the conversion costs more than decoding)
+    picked = np.stack([frames[i].to_ndarray(format="rgb24")
+                       for i in sample_indices(len(frames), n_frames)])  # (F, H, W, 3)
     x = torch.from_numpy(picked).permute(0, 3, 1, 2).float().div_(255.0)  # (F, 3, H, W)
     x = resize_center_crop(x, size)
+    if tuple(mean) == (0.0, 0.0, 0.0) and tuple(std) == (1.0, 1.0, 1.0):
+        return x.contiguous()  # [0, 1] asked for (the teacher's backbone normalises itself)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x - m) / s).contiguous()
