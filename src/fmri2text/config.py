@@ -269,9 +269,9 @@ class Stage1Config:
     mbm_checkpoint: str = ""
     val_every: int = 25  # steps between validation passes (best step kept); 0 = keep the last
     # validation passes in a row without beating the best before training stops; 0 = never.
-    # On the three simulated worlds step 0 stayed best over 100 steps (its passes at 25 and
-    # 50 were already worse): 2 stops there at step 50, same weights, half the steps
-    val_patience: int = 2
+    # On all five simulated worlds step 0 stayed best and every later pass (25, 50; 75 and
+    # 100 on two of them) was worse: 1 stops at step 25 with the same weights (BENCHMARKS)
+    val_patience: int = 1
     # train the linear path's closed-form weights too (AdamW moves each of its 512 x L*d
     # weights by ~lr per step on inputs of scale ~10: it diverged from step 1, BENCHMARKS)
     train_linear: bool = False
