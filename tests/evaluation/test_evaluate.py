@@ -8,9 +8,9 @@ import pytest
 from fmri2text.config import EvaluationConfig
 from fmri2text.errors import UserError
 from fmri2text.evaluation.evaluate import (check_predictions, evaluate, format_table,
-                                           permutation_pvalues, read_predictions,
+                                           paired_pvalues, permutation_pvalues, read_predictions,
                                            shuffle_within_subject)
-from fmri2text.evaluation.metrics import TextScorer
+from fmri2text.evaluation.metrics import PairTables, TextScorer
 
 CONTRACT_TOP = {"scorer", "subjects", "total", "controls", "p_values", "n_test_trials", "vs_truth"}
 CONTRACT_METRICS = {"bertscore_p", "bertscore_r", "bertscore_f1", "bleu1", "bleu2", "rougeL_p",
@@ -59,12 +59,24 @@ def test_metrics_json_follows_the_contract(scorer):
     for metrics in m["controls"].values():
         assert CONTRACT_METRICS <= set(metrics)
     assert {"bertscore_f1", "bleu1", "rougeL_f"} <= set(m["p_values"])
-    assert {"subjects", "total", "controls"} <= set(m["vs_truth"])
+    assert {"subjects", "total", "controls", "paired"} <= set(m["vs_truth"])
     assert m["total"]["bleu1"] == pytest.approx(100.0) and m["total"]["top1"] == 100.0
     assert m["controls"]["shuffled"]["bleu1"] < m["total"]["bleu1"]
+    # the paired test of the decoder against each control, per subject and in total
+    paired = m["paired"]["controls"]
+    assert set(paired) == {"shuffled", "ridge"}
+    for name in paired:
+        assert set(paired[name]["subjects"]) == {"sub-01", "sub-02"}
+        for part in [paired[name]["total"], *paired[name]["subjects"].values()]:
+            assert set(part) == {"bertscore_f1", "bleu1"} and 0 < part["bleu1"]["p"] <= 1
+        gap = m["total"]["bleu1"] - m["controls"][name]["bleu1"]
+        assert paired[name]["total"]["bleu1"]["difference"] == pytest.approx(gap)
     json.dumps(m, allow_nan=False)  # serialisable as metrics.json
     table = format_table(m)
     assert "sub-01" in table and "Total" in table and "shuffled" in table
+    p_ridge = paired["ridge"]["total"]["bleu1"]["p"]
+    ridge_rows = [line for line in table.splitlines() if line.startswith("│   ridge")]
+    assert len(ridge_rows) == 3 and f"{p_ridge:.4f}" in ridge_rows[-1]  # on Total's ridge row
 
 
 def test_truth_is_the_reference_without_video2text(scorer):
@@ -87,6 +99,44 @@ def test_pvalue_of_perfect_and_random_decoder(scorer):
     p = permutation_pvalues(random, subjects, n_perm, seed=0)
     for key in ("bertscore_f1", "bleu1", "rougeL_f"):
         assert p[key] > 0.05
+
+
+def test_paired_test_of_decoder_against_a_control(scorer):
+    n, n_perm = 16, 400
+    refs = captions(n, 7)
+    perfect, random = scorer.pairwise(refs, refs), scorer.pairwise(captions(n, 8), refs)
+    ahead = paired_pvalues(perfect, random, n_perm, seed=0)
+    behind = paired_pvalues(random, perfect, n_perm, seed=0)
+    for key in ("bertscore_f1", "bleu1"):
+        assert ahead[key]["p"] == pytest.approx(1 / (1 + n_perm))  # no swap does better
+        assert ahead[key]["difference"] > 0 and behind[key]["difference"] < 0
+        assert behind[key]["p"] > 0.99
+    same = paired_pvalues(random, random, n_perm, seed=0)  # every swap ties: p = 1
+    assert same["bleu1"] == {"difference": 0.0, "p": 1.0}
+    half = np.arange(n // 2)  # a subset of trials (one subject's)
+    assert paired_pvalues(perfect, random, n_perm, 0, trials=half)["bleu1"]["p"] < 0.01
+
+
+def _synthetic(values: np.ndarray) -> PairTables:
+    """Tables whose trial i has BERTScore-F1 values[i] (one hypothesis and reference each)."""
+    n = len(values)
+    return PairTables(np.arange(n), np.arange(n), {"bertscore_f1": np.diag(values)},
+                      np.ones(n, dtype=np.int64), np.ones((n, 2), dtype=np.int64))
+
+
+def test_paired_test_holds_its_level_and_sees_a_shift():
+    """Decoder and control from one distribution: p <= 0.1 in about a tenth of the worlds
+    (a valid test); with a real lead of half a standard deviation per trial it is found."""
+    rng = np.random.default_rng(0)
+    n, worlds, n_perm = 40, 200, 199
+    p_null = [paired_pvalues(_synthetic(rng.normal(60, 10, n)), _synthetic(rng.normal(60, 10, n)),
+                             n_perm, seed=w, keys=("bertscore_f1",))["bertscore_f1"]["p"]
+              for w in range(worlds)]
+    assert 0.04 <= np.mean(np.array(p_null) <= 0.1) <= 0.18
+    p_lead = [paired_pvalues(_synthetic(rng.normal(65, 10, n)), _synthetic(rng.normal(60, 10, n)),
+                             n_perm, seed=w, keys=("bertscore_f1",))["bertscore_f1"]["p"]
+              for w in range(50)]
+    assert np.mean(np.array(p_lead) <= 0.1) >= 0.6
 
 
 def test_shuffle_within_subject_moves_every_trial_within_its_subject():

@@ -66,6 +66,9 @@ def run_dir(tmp_path_factory) -> Path:
         "controls_subjects": {"shuffled": {s: _metrics(20, False) for s in SUBJECTS}},
         "p_values": {"bertscore_f1": 0.0005, "bleu1": 0.001},
         "permutation": {"n_permutations": 2000, "subjects": {s: {"bertscore_f1": 0.01} for s in SUBJECTS}},
+        "paired": {"controls": {"shuffled": {
+            "subjects": {s: {"bertscore_f1": {"difference": 20.0, "p": 0.0123}} for s in SUBJECTS},
+            "total": {"bertscore_f1": {"difference": 21.0, "p": 0.0234}}}}},
         "n_test_trials": 12,
         "vs_truth": {"subjects": {s: _metrics(30, False) for s in SUBJECTS}, "total": _metrics(30, False),
                      "controls": {"shuffled": _metrics(10, False)}},
@@ -157,6 +160,8 @@ def test_table_rows(report):
     assert ref.count("control") == len(SUBJECTS)  # per-subject shuffled rows
     assert ref.count("control total") == 3
     assert "41.00" in html and "not above ridge baseline" in html
+    # control rows carry the paired p that the decoder beats them (per subject, total)
+    assert html.count(">0.0123<") == len(SUBJECTS) and html.count(">0.0234<") == 1
     assert "above chance (8.33)" in html  # retrieval has no control: compared to chance
 
 

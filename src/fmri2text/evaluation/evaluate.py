@@ -4,7 +4,9 @@
 primary reference (Video2Text, or the true captions where no teacher exists), scores each
 control (shuffled fMRI, prompt-only, ridge) the same way, adds retrieval where embeddings
 are given, permutation p-values of the real pairing against within-subject shuffled
-pairings, and repeats the text scores against the true captions (``vs_truth``).
+pairings, a paired test of the decoder against each control on the same trials
+(:func:`paired_pvalues`), and repeats the text scores against the true captions
+(``vs_truth``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ import numpy as np
 
 from fmri2text.config import EvaluationConfig
 from fmri2text.errors import UserError
-from fmri2text.evaluation.metrics import TEXT_KEYS, PairTables, TextScorer, retrieval_metrics
+from fmri2text.evaluation.metrics import (TEXT_KEYS, PairTables, TextScorer, corpus_value,
+                                          retrieval_metrics)
 
 REQUIRED_FIELDS = ("subject", "run", "onset", "stim", "instruction", "video2text", "fmri2text")
 CONTROLS = ("shuffled", "prompt_only", "ridge")
+#: metrics of the paired decoder-against-control test (the table's p columns)
+PAIRED_KEYS = ("bertscore_f1", "bleu1")
+#: what one reference's section of metrics.json holds (primary and vs_truth alike)
+SECTION_KEYS = ("subjects", "total", "controls", "controls_subjects", "p_values", "permutation",
+                "paired")
 _FIX = "write predictions with `fmri2text decode`, or give every line the fields " + ", ".join(
     REQUIRED_FIELDS) + " (and truth: a list of captions or null)"
 
@@ -146,6 +154,31 @@ def permutation_pvalues(tables: PairTables, subjects, n_perm: int, seed: int,
     return out
 
 
+def paired_pvalues(decoder: PairTables, control: PairTables, n_perm: int, seed: int,
+                   trials: np.ndarray | None = None,
+                   keys: tuple[str, ...] = PAIRED_KEYS) -> dict[str, dict[str, float]]:
+    """Does the decoder beat ``control`` on the same trials? A paired approximate-randomization
+    test (as for MT systems): each trial's two texts, scored against that trial's references,
+    are swapped with probability 1/2, and the corpus metrics recomputed.
+
+    Returns ``{key: {"difference": decoder - control, "p": p}}`` with the one-sided
+    p = (1 + #{swapped difference >= real}) / (1 + n_perm). A small p says the decoder's lead
+    over this control is larger than which of the two texts each trial happened to get.
+    """
+    idx = np.arange(decoder.n) if trials is None else np.asarray(trials)
+    swap = np.random.default_rng(seed).random((n_perm, len(idx))) < 0.5  # (k, m)
+    out = {}
+    for key in keys:
+        a = decoder.pair_stats(key, idx, idx)  # (m, s) additive statistics of each trial
+        b = control.pair_stats(key, idx, idx)
+        moved = swap.astype(np.float64) @ (a - b)  # (k, s): the swaps move these from a to b
+        real = float(corpus_value(key, a.sum(0)) - corpus_value(key, b.sum(0)))
+        null = corpus_value(key, a.sum(0) - moved) - corpus_value(key, b.sum(0) + moved)  # (k,)
+        tol = 1e-9 * max(1.0, abs(real))  # the same sums reordered count as a tie
+        out[key] = {"difference": real, "p": float((1 + np.sum(null >= real - tol)) / (1 + n_perm))}
+    return out
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 
@@ -179,10 +212,23 @@ def _against(refs: list[list[str]], predictions: list[dict], controls: dict[str,
     tables = scorer.pairwise([r["fmri2text"] for r in predictions], refs)
     per, total = _score_section(tables, subjects)
     out: dict = {"subjects": per, "total": total, "controls": {}, "controls_subjects": {}}
+    paired: dict = {}
     for name, rows in controls.items():
-        c_per, c_total = _score_section(scorer.pairwise([r["fmri2text"] for r in rows], refs), subjects)
+        c_tables = scorer.pairwise([r["fmri2text"] for r in rows], refs)
+        c_per, c_total = _score_section(c_tables, subjects)
         out["controls"][name] = c_total
         out["controls_subjects"][name] = c_per
+        paired[name] = {
+            "subjects": {s: paired_pvalues(tables, c_tables, cfg.n_permutations, cfg.seed,
+                                           trials=np.flatnonzero(subjects == s))
+                         for s in sorted(set(subjects))},
+            "total": paired_pvalues(tables, c_tables, cfg.n_permutations, cfg.seed)}
+    out["paired"] = {
+        "n_permutations": cfg.n_permutations, "seed": cfg.seed,
+        "scheme": "decoder against each control on the same trials: each trial's two texts "
+                  "swapped with probability 1/2; p = (1 + #{swapped difference >= real}) / "
+                  "(1 + n_perm), one-sided (the decoder ahead)",
+        "controls": paired}
     t1 = time.perf_counter()
     out["p_values"] = permutation_pvalues(tables, subjects, cfg.n_permutations, cfg.seed)
     out["permutation"] = {
@@ -286,12 +332,10 @@ def evaluate(predictions: list[dict], controls: dict[str, list[dict]], scorer: T
     if truth is None:
         vs_truth: dict = {}
     elif kind == "truth":
-        vs_truth = {k: primary[k] for k in ("subjects", "total", "controls", "controls_subjects",
-                                            "p_values", "permutation")}
+        vs_truth = {k: primary[k] for k in SECTION_KEYS}
     else:
         full = _against(truth, predictions, controls, scorer, cfg, subjects)
-        vs_truth = {k: full[k] for k in ("subjects", "total", "controls", "controls_subjects",
-                                         "p_values", "permutation")}
+        vs_truth = {k: full[k] for k in SECTION_KEYS}
 
     if retrieval is not None:
         if len(retrieval["pred"]) != len(predictions):
@@ -318,6 +362,7 @@ def evaluate(predictions: list[dict], controls: dict[str, list[dict]], scorer: T
         "controls_subjects": primary["controls_subjects"],
         "p_values": primary["p_values"],
         "permutation": primary["permutation"],
+        "paired": primary["paired"],
         "n_test_trials": len(predictions),
         "vs_truth": vs_truth,
         "output_health": {name: output_health(rows, prior) for name, rows in
@@ -334,7 +379,9 @@ def format_table(metrics: dict, section: str = "primary") -> str:
 
     Columns: BERTScore-F1 | BLEU-1 | BLEU-2 | ROUGE-L F | P | R (all %), plus top-1 and
     2-way identification when retrieval was scored, and the permutation p-values of
-    BERTScore-F1 and BLEU-1: within-subject on each subject's row, pooled on Total.
+    BERTScore-F1 and BLEU-1: within-subject on each subject's row, pooled on Total; on a
+    control's row, the paired test's p that the decoder beats that control
+    (:func:`paired_pvalues`).
     ``section`` 'vs_truth' tabulates the scores against the true captions.
     """
     from rich.console import Console
@@ -360,18 +407,28 @@ def format_table(metrics: dict, section: str = "primary") -> str:
 
     ctl_sub = src.get("controls_subjects", {})
     p_sub = src.get("permutation", {}).get("subjects", {})
+    paired = src.get("paired", {}).get("controls", {})
+
+    def beats(name: str, subject: str | None) -> dict:  # paired p of the decoder vs a control
+        part = paired.get(name, {})
+        got = part.get("total", {}) if subject is None else part.get("subjects", {}).get(subject, {})
+        return {k: v["p"] for k, v in got.items()}
+
     for s, m in src.get("subjects", {}).items():
         add(s, m, p_sub.get(s))
         for name in ctl_sub:
-            add(f"  {name}", ctl_sub[name].get(s, {}), style="dim")
+            add(f"  {name}", ctl_sub[name].get(s, {}), beats(name, s), style="dim")
     p = src.get("p_values", {})
     add("Total", total, p, style="bold")
     for name, m in src.get("controls", {}).items():
-        add(f"  {name}", m, style="dim")
+        add(f"  {name}", m, beats(name, None), style="dim")
     if p:
         table.caption = ("permutation p (shuffled pairings; subject rows within subject, Total "
                          "pooled): " + ", ".join(f"{k} {v:.4g}" for k, v in p.items()
                                                  if k in ("bertscore_f1", "bleu1", "rougeL_f")))
+        if paired:
+            table.caption += ("; on a control's row, paired p that the decoder beats it (each "
+                              "trial's two texts swapped at random)")
     buf = io.StringIO()
     Console(file=buf, width=140, force_terminal=False, color_system=None).print(table)
     return buf.getvalue()

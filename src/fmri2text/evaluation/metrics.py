@@ -89,6 +89,25 @@ class PairTables:
     def _gather(self, name: str, hyp_trials: np.ndarray, ref_trials: np.ndarray) -> np.ndarray:
         return self.t[name][self.hyp_of[hyp_trials], self.ref_of[ref_trials]]
 
+    def pair_stats(self, key: str, hyp_trials: np.ndarray, ref_trials: np.ndarray) -> np.ndarray:
+        """Additive statistics of each pair, (..., m, s): a pairing's corpus metric is
+        :func:`corpus_value` of their sum over its m pairs.
+
+        BLEU-n: (system length, reference length, matches of order 1..n, n-grams of order
+        1..n); every other metric: (value, 1), so the sum gives the mean.
+        """
+        h = np.asarray(hyp_trials)
+        r = np.asarray(ref_trials)
+        if key.startswith("bleu"):
+            order = int(key[4])
+            rows = self.hyp_of[h]
+            cols = [self.hyp_len[rows], self._gather("ref_len", h, r)]
+            cols += [self._gather(f"correct{n}", h, r) for n in range(1, order + 1)]
+            cols += [self.hyp_totals[rows, n - 1] for n in range(1, order + 1)]
+            return np.stack(np.broadcast_arrays(*cols), -1).astype(np.float64)
+        value = self._gather(key, h, r)
+        return np.stack([value, np.ones_like(value)], -1)
+
     def statistic(self, key: str, hyp_trials: np.ndarray, ref_trials: np.ndarray) -> np.ndarray:
         """A corpus metric of one or many pairings.
 
@@ -105,24 +124,9 @@ class PairTables:
         np.ndarray
             () or (k,) metric values (×100).
         """
-        h = np.asarray(hyp_trials)
-        r = np.asarray(ref_trials)
-        if key.startswith("bleu"):
-            order = int(key[4])
-            rows = self.hyp_of[h]
-            sys_len = self.hyp_len[rows].sum(-1)
-            ref_len = self._gather("ref_len", h, r).sum(-1)
-            correct = [self._gather(f"correct{n}", h, r).sum(-1) for n in range(1, order + 1)]
-            total = [self.hyp_totals[rows, n - 1].sum(-1) for n in range(1, order + 1)]
-            flat = np.broadcast_arrays(sys_len, ref_len, *correct, *total)
-            out = np.array([
-                BLEU.compute_bleu([int(c[j]) for c in flat[2:2 + order]],
-                                  [int(t[j]) for t in flat[2 + order:]],
-                                  int(flat[0][j]), int(flat[1][j]), smooth_method="exp",
-                                  max_ngram_order=order).score
-                for j in np.ndindex(flat[0].shape)]).reshape(flat[0].shape)
-            return out
-        return self._gather(key, h, r).mean(-1)
+        if not key.startswith("bleu"):  # the mean itself (numpy's pairwise sum, as always)
+            return self._gather(key, np.asarray(hyp_trials), np.asarray(ref_trials)).mean(-1)
+        return corpus_value(key, self.pair_stats(key, hyp_trials, ref_trials).sum(-2))
 
     def metrics(self, trials: np.ndarray | None = None) -> dict[str, float]:
         """All text metrics (×100) of the real pairing over ``trials`` (default: all)."""
@@ -137,6 +141,22 @@ class PairTables:
                 for i in idx]
             out[f"bleu{order}_sentence"] = float(np.mean(scores)) if len(scores) else 0.0
         return out
+
+
+def corpus_value(key: str, sums: np.ndarray) -> np.ndarray:
+    """A corpus metric (×100) from summed :meth:`PairTables.pair_stats`, (..., s) -> (...).
+
+    BLEU: SacreBLEU's ``compute_bleu`` (exp smoothing) on the summed counts; every other
+    metric: the sum of values over the number of pairs.
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    if not key.startswith("bleu"):
+        return sums[..., 0] / np.maximum(sums[..., 1], 1.0)
+    order = int(key[4])
+    counts = np.rint(sums).astype(np.int64).reshape(-1, sums.shape[-1]).tolist()  # exact
+    return np.array([BLEU.compute_bleu(c[2:2 + order], c[2 + order:2 + 2 * order], c[0], c[1],
+                                       smooth_method="exp", max_ngram_order=order).score
+                     for c in counts]).reshape(sums.shape[:-1])
 
 
 class TextScorer:

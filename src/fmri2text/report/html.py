@@ -145,7 +145,8 @@ def metrics_table(src: dict, table_id: str, caption: str) -> dict:
 
     Each subject row is followed by that subject's control rows when per-subject controls
     exist (``controls_subjects`` or ``controls_by_subject``); the Total row is followed by
-    the controls' totals. A control cell is flagged when the control beats the decoder.
+    the controls' totals. A control cell is flagged when the control beats the decoder; a
+    control row's p is the paired test's p that the decoder beats it (``paired``).
     """
     subjects = src.get("subjects") or {}
     total = src.get("total") or {}
@@ -153,6 +154,13 @@ def metrics_table(src: dict, table_id: str, caption: str) -> dict:
     per_ctl = src.get("controls_subjects") or src.get("controls_by_subject") or {}
     per_p = ((src.get("permutation") or {}).get("subjects")) or {}
     p_total = src.get("p_values") or {}
+    paired = ((src.get("paired") or {}).get("controls")) or {}
+
+    def paired_p(name: str, subject: str | None) -> Any:  # decoder beats control `name`
+        part = paired.get(name) or {}
+        got = part.get("total") if subject is None else (part.get("subjects") or {}).get(subject)
+        return ((got or {}).get("bertscore_f1") or {}).get("p")
+
     cols = _columns([total, *subjects.values(), *controls.values()])
     groups: list[list] = []
     for g, _, _ in cols:
@@ -169,7 +177,8 @@ def metrics_table(src: dict, table_id: str, caption: str) -> dict:
                      and v >= r)
             cells.append({"text": fmt(v), "flag": beats})
         n = m.get("n_trials")
-        return {"label": label, "kind": kind, "cells": cells, "p": fmt_p(p),
+        shown = fmt_p(p) if p is not None or not kind.startswith("control") else ""
+        return {"label": label, "kind": kind, "cells": cells, "p": shown,
                 "n": str(n) if isinstance(n, int) else ""}
 
     rows = []
@@ -177,10 +186,12 @@ def metrics_table(src: dict, table_id: str, caption: str) -> dict:
         rows.append(row(subject, "subject", m, p=(per_p.get(subject) or {}).get("bertscore_f1")))
         for name, by_subject in per_ctl.items():
             if isinstance(by_subject, dict) and isinstance(by_subject.get(subject), dict):
-                rows.append(row(CONTROL_TITLES.get(name, name), "control", by_subject[subject], m))
+                rows.append(row(CONTROL_TITLES.get(name, name), "control", by_subject[subject], m,
+                                p=paired_p(name, subject)))
     rows.append(row("Total", "total", total, p=p_total.get("bertscore_f1")))
     for name, m in controls.items():
-        rows.append(row(CONTROL_TITLES.get(name, name), "control total", m, total))
+        rows.append(row(CONTROL_TITLES.get(name, name), "control total", m, total,
+                        p=paired_p(name, None)))
     return {"id": table_id, "caption": caption, "groups": groups,
             "subheads": [s for _, s, _ in cols], "rows": rows,
             "has_p": bool(per_p or p_total)}
