@@ -21,7 +21,9 @@ def main() -> None:
                              "encoder.projector_heads=2", f"stage1.steps={steps}",
                              f"stage1.batch_size={batch}", "stage1.lr=3e-3",
                              "stage1.checkpoint_every=5", "stage1.log_every=1",
-                             "stage1.keep_last=2"])
+                             "stage1.keep_last=2",
+                             # every step runs: these tests compare whole runs, not stopping
+                             "stage1.val_patience=0"])
     m = train_stage1(None, run, cfg, resume=resume, windows=windows, targets=targets,
                      progress=False, log=lambda s: print(s, flush=True))
     rank = int(os.environ.get("RANK", "0"))

@@ -14,6 +14,7 @@ from fmri2text.training.stage2 import freeze_for_stage2, train_stage2
 
 CFG = ["encoder.preset=tiny", "encoder.projector_dim=32", "encoder.projector_heads=2",
        "stage1.steps=30", "stage1.batch_size=8", "stage1.lr=3e-3",
+       "stage1.val_patience=0",  # Stage I runs all 30 steps (validation at 0, 25, 30)
        "stage2.steps=30", "stage2.batch_size=8", "stage2.lr=3e-3", "stage2.log_every=5",
        "stage2.compare_da=true", "stage2.val_every=0"]  # 30 steps kept: CE falls (checked)
 
