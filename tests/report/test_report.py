@@ -180,6 +180,16 @@ def test_minimal_run_says_not_available(tmp_path):
     assert "No predictions.jsonl" in html
 
 
+def test_odd_paired_section_leaves_the_control_p_blank(tmp_path):
+    m = {"bleu1": 12.0, "bertscore_f1": 40.0}
+    (tmp_path / "metrics.json").write_text(json.dumps(
+        {"subjects": {"sub-01": m}, "total": m, "controls": {"shuffled": m},
+         "controls_subjects": {"shuffled": {"sub-01": m}},
+         "paired": {"controls": {"shuffled": ["not", "an", "object"]}}}))
+    html = build_report(tmp_path, out=tmp_path / "r.html").read_text()
+    assert html.count('class="control') == 2  # both control rows are there, p left blank
+
+
 @pytest.mark.parametrize("content, match", [
     (None, "not found"),
     ("{not json", "not valid JSON"),

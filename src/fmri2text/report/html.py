@@ -154,12 +154,13 @@ def metrics_table(src: dict, table_id: str, caption: str) -> dict:
     per_ctl = src.get("controls_subjects") or src.get("controls_by_subject") or {}
     per_p = ((src.get("permutation") or {}).get("subjects")) or {}
     p_total = src.get("p_values") or {}
-    paired = ((src.get("paired") or {}).get("controls")) or {}
-
     def paired_p(name: str, subject: str | None) -> Any:  # decoder beats control `name`
-        part = paired.get(name) or {}
-        got = part.get("total") if subject is None else (part.get("subjects") or {}).get(subject)
-        return ((got or {}).get("bertscore_f1") or {}).get("p")
+        path = ("paired", "controls", name) + (("total",) if subject is None else
+                                               ("subjects", subject)) + ("bertscore_f1", "p")
+        node: Any = src
+        for key in path:  # metrics.json is read as given: any level may be missing or odd
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
 
     cols = _columns([total, *subjects.values(), *controls.values()])
     groups: list[list] = []
