@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmri2text.data.video import (IMAGENET_MEAN, IMAGENET_STD, decode_rgb, read_frames,
+from fmri2text.data.video import (IMAGENET_MEAN, IMAGENET_STD, decode_frames, read_frames,
                                   resize_center_crop, sample_indices)
 from fmri2text.errors import UserError
 
@@ -44,7 +44,7 @@ def test_read_frames_equals_every_frame_decoded_then_sampled(tmp_path: Path):
     """Only the sampled frames are converted to RGB, and [0, 1] output skips normalising:
     both give exactly what converting every frame and normalising with (0, 1) gave."""
     clip = _write_mp4(tmp_path / "clip.mp4", n_frames=11, h=24, w=40)
-    every = decode_rgb(clip)  # 11 frames
+    every = [f.to_ndarray(format="rgb24") for f in decode_frames(clip)]  # all 11, converted
     picked = np.stack([every[i] for i in sample_indices(len(every), 5)])
     ref = resize_center_crop(torch.from_numpy(picked).permute(0, 3, 1, 2).float().div_(255.0), 16)
     raw = read_frames(clip, n_frames=5, size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

@@ -41,11 +41,6 @@ def decode_frames(path: str | Path) -> list:
                         fix="re-encode the clip (e.g. H.264 mp4) or replace the file") from None
 
 
-def decode_rgb(path: str | Path) -> list[np.ndarray]:
-    """Every frame of the first video stream as (H, W, 3) uint8 arrays."""
-    return [frame.to_ndarray(format="rgb24") for frame in decode_frames(path)]
-
-
 def sample_indices(n_available: int, n_frames: int) -> np.ndarray:
     """``n_frames`` indices spread uniformly: the centre frame of each of n equal segments."""
     return np.floor((np.arange(n_frames) + 0.5) * n_available / n_frames).astype(np.int64)
