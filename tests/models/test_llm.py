@@ -119,6 +119,38 @@ def test_batched_padded_generation_equals_one_by_one(sharp):
     assert s1 == s2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_step_logits_equal_the_llms_own_last_position_logits(sharp, dtype):
+    """The prompt step computes the last position's logits one row at a time: the same bits as
+    the LLM's forward with ``logits_to_keep=1``, in fp32 and bf16 (whose batched product there
+    copied the output weight once per prompt: 7.6 GB at annotate's 128 prompts)."""
+    import copy
+
+    model, tok = sharp
+    model = copy.deepcopy(model).to(dtype)
+    soft = torch.randn(4, 2, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    instr = ["describe the video .", "what is the main thing happening in the video ?", "a ?", "b"]
+    embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft, instr)
+    prefix = llm.prefix_length(tok, None)
+    shapes = []  # what the output layer is given: one (1, d) row per prompt, never (B, 1, d)
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        cache, logits, pos = generation._prompt_step(model, embeds, mask,
+                                                     llm.prefix_cache(model, embeds, prefix))
+    finally:
+        hook.remove()
+    assert shapes == [(1, 32)] * 4
+    ref_cache = llm.prefix_cache(model, embeds, prefix)
+    held = ref_cache.get_seq_length()
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds[:, held:], attention_mask=mask, position_ids=pos[:, held:],
+                    cache=ref_cache, use_cache=True, logits_to_keep=1)
+    assert logits.shape == (4, model.config.vocab_size) and logits.dtype == dtype
+    assert torch.equal(logits, ref.logits[:, -1])
+    assert cache.get_seq_length() == ref.cache.get_seq_length() == embeds.shape[1]
+
+
 def test_greedy_rows_leave_the_batch_at_their_eos_and_match_hf_generate(sharp):
     """Rows that end early leave the batch; every row's tokens equal HF generate's."""
     model, tok = sharp
