@@ -7,8 +7,11 @@ So a result records where it was computed; two runs that differ can then be told
 from a bug.
 
 ``FMRI2TEXT_CPU_KERNELS=avx2`` asks every library for its AVX2 kernels on any x86-64 CPU
-(:func:`pin_kernels`), so that an AVX-512 machine computes what an AVX2 one does. On an
-AVX2 machine it changes no byte (BENCHMARKS); on AVX-512 machines it is not yet measured.
+(:func:`pin_kernels`). On an AVX2 machine it changes no byte; on an AVX-512 Xeon it gives
+the AVX2 machines' :func:`kernel_digests`, but the demo there still fitted another teacher,
+and took 1.29x as long (BENCHMARKS, session 19), so it is not the default.
+``benchmarks/cross_cpu_probe.py`` digests the embedded models' passes, to find where two
+machines part.
 """
 
 from __future__ import annotations
