@@ -222,12 +222,13 @@ def greedy_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tenso
 def _prompt_step(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, cache):
     """Run the prompts' columns the cache does not hold: (cache, last logits (B, V), positions).
 
-    The last position's logits are computed one row at a time. ``model(...,
-    logits_to_keep=1)`` gives the same values (checked bit for bit in fp32 and bf16), but its
-    (B, 1, d) slice reaches the output layer as a batched product against the weight
-    broadcast over B, which bf16 on the CPU copies out in full: 57 MB per prompt for
-    SmolLM2, 7.6 GB at annotate's 128 prompts, and 9 s of a 64-prompt step (BENCHMARKS,
-    session 19). One (1, d) row at a time keeps each prompt's logits independent of its batch.
+    The base model (``model.model``, as :func:`~fmri2text.models.llm.prefix_cache` runs it)
+    gives the hidden states; the output layer then reads the last position one (1, d) row at
+    a time. ``model(..., logits_to_keep=1)`` gives the same values (bit for bit in fp32 and
+    bf16: SmolLM2 with 64 prompts, and a test), but its (B, 1, d) slice reaches the output
+    layer as a batched product against the weight broadcast over B, which bf16 on the CPU
+    copies out in full: 57 MB per prompt for SmolLM2, 7.6 GB at annotate's 128 prompts, and
+    9 s of a 64-prompt step (BENCHMARKS, session 19).
     """
     held = 0 if cache is None else cache.get_seq_length()
     pos = position_ids(attention_mask)
