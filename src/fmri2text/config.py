@@ -351,8 +351,8 @@ class PipelineConfig:
     decode_choose_betas: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0])
     # no 0 (plain consensus) by default: the validation trials are subjects the deep path
     # trained on, where the semantic head looked worth -1.6 to +1.2 BERTScore-F1; on held-out
-    # subjects' test trials it was worth +0.7 to +10.9 in all 14 subject-runs measured (two
-    # worlds, seven runs: BENCHMARKS, session 19)
+    # subjects' test trials rerank 1 beat 0 by +0.7 to +10.9 in 15 of 16 subject-runs (three
+    # worlds, eight runs) and lost 0.9 in one (BENCHMARKS, session 19)
     decode_choose_reranks: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     # teacher health after annotate (fmri2text/health.py): below these the run stops (exit 2)
     min_distinct_answer_fraction: float = 0.05  # distinct answers / clips
