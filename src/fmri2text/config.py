@@ -337,9 +337,8 @@ class PipelineConfig:
     # MBR's unigram F-score weighs recall this many times precision (1: ROUGE-1 F)
     decode_mbr_beta: float = 1.0
     # MBR: weight of each sampled answer's agreement with the sentence embedding the student's
-    # semantic head predicts (encoder.semantic_head): their cosine as directions from the
-    # training answers' mean (api.Decoder.embed_answers); 0: plain consensus (see
-    # decode_choose_reranks for why 0 is not the default)
+    # semantic head predicts (encoder.semantic_head), cosines as directions from the training
+    # answers' mean (api.Decoder.embed_answers); 0: plain consensus (why not: see below)
     decode_rerank: float = 1.0
     # choose the decoding on the training subjects' validation trials (split.val_fraction,
     # each trial's tokens cross-fitted as a held-out subject's): one answer per trial, or MBR
@@ -349,10 +348,8 @@ class PipelineConfig:
     # decode_samples, decode_mbr_beta and decode_rerank as set
     decode_choose: bool = True
     decode_choose_betas: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0])
-    # no 0 (plain consensus) by default: the validation trials are subjects the deep path
-    # trained on, where the semantic head looked worth -1.6 to +1.2 BERTScore-F1; on held-out
-    # subjects' test trials rerank 1 beat 0 by +0.7 to +10.9 in 15 of 16 subject-runs (three
-    # worlds, eight runs) and lost 0.9 in one (BENCHMARKS, session 19)
+    # no 0 by default: on validation (subjects the deep path trained on) the semantic head looked
+    # worth -1.6..+1.2 F1, on held-out test trials +0.7..+10.9 in 15 of 16 (BENCHMARKS, s. 19)
     decode_choose_reranks: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     # teacher health after annotate (fmri2text/health.py): below these the run stops (exit 2)
     min_distinct_answer_fraction: float = 0.05  # distinct answers / clips
