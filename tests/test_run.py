@@ -167,17 +167,20 @@ def test_decoding_is_chosen_on_validation_trials_and_applied(tmp_path, finished_
     decode = json.loads((out / "decode.json").read_text())
     choice = decode["decoding_choice"]
     assert choice["n_validation_trials"] >= 2
-    settings = [(s["samples"], s["mbr_beta"], s["rerank"]) for s in choice["settings"]]
-    d = PipelineConfig()  # the grid is the config defaults (the tiny student has a semantic head)
-    assert settings == [(0, 1.0, 0.0)] + [(32, b, r) for b in d.decode_choose_betas
-                                          for r in d.decode_choose_reranks]
-    assert 0.0 not in d.decode_choose_reranks
+    settings = [(s["deep_gain"], s["samples"], s["mbr_beta"], s["rerank"])
+                for s in choice["settings"]]
+    # the grid is the config defaults (the tiny student has a linear path and a semantic head)
+    d = PipelineConfig()
+    assert settings == [x for g in d.decode_choose_deep_gains for x in
+                        [(g, 0, 1.0, 0.0)] + [(g, 32, b, r) for b in d.decode_choose_betas
+                                              for r in d.decode_choose_reranks]]
+    assert 0.0 not in d.decode_choose_reranks and d.decode_choose_deep_gains == [1.0, 0.0]
     best = max(choice["settings"], key=lambda s: s["mean"])
     for s in choice["settings"]:
         assert s["mean"] == pytest.approx((s["bertscore_f1"] + s["bleu1"]) / 2)
-    want = {k: best[k] for k in ("samples", "mbr_beta", "rerank")}
+    want = {k: best[k] for k in ("samples", "mbr_beta", "rerank", "deep_gain")}
     assert choice["chosen"] == want
-    assert {k: decode["generation"][k] for k in want} == want
+    assert {k: ({**decode["generation"], "deep_gain": decode["deep_gain"]})[k] for k in want} == want
     model = json.loads((out / "model" / "config.json").read_text())["generation"]
     assert {k: model[k] for k in want} == want
 
@@ -190,9 +193,12 @@ def test_decoding_is_chosen_on_validation_trials_and_applied(tmp_path, finished_
     assert bad.returncode == 2 and "pipeline.decode_mbr_beta=0" in bad.stderr
     bad = cli(*args, "pipeline.decode_choose_betas=[]")
     assert bad.returncode == 2 and "pipeline.decode_choose_betas" in bad.stderr
+    bad = cli(*args, "pipeline.decode_choose_deep_gains=[-1.0]")
+    assert bad.returncode == 2 and "pipeline.decode_choose_deep_gains" in bad.stderr
     assert (run / "predictions.jsonl").read_bytes() == before
     fixed = ["pipeline.decode_choose=false", f"pipeline.decode_samples={best['samples']}",
-             f"pipeline.decode_mbr_beta={best['mbr_beta']}", f"pipeline.decode_rerank={best['rerank']}"]
+             f"pipeline.decode_mbr_beta={best['mbr_beta']}", f"pipeline.decode_rerank={best['rerank']}",
+             f"pipeline.decode_deep_gain={best['deep_gain']}"]
     r = cli(*args, *fixed)
     assert r.returncode == 0, r.stderr[-3000:]
     for step in ("prepare", "teacher", "annotate", "stage1", "stage2"):

@@ -51,7 +51,8 @@ def _decoding_choice(run: Path, student_path: Path, cfg: Config) -> dict:
         return {}
     return {"samples": int(choice["chosen"]["samples"]),
             "mbr_beta": float(choice["chosen"]["mbr_beta"]),
-            "rerank": float(choice["chosen"].get("rerank", 0.0))}
+            "rerank": float(choice["chosen"].get("rerank", 0.0)),
+            "deep_gain": float(choice["chosen"].get("deep_gain", 1.0))}
 
 
 class Decoder:
@@ -153,7 +154,8 @@ class Decoder:
                       "seed": cfg.evaluation.seed, "batch_size": p.decode_batch_size,
                       "system": cfg.teacher.system_prompt or None, "samples": p.decode_samples,
                       "temperature": p.decode_temperature, "top_p": p.decode_top_p,
-                      "mbr_beta": p.decode_mbr_beta, "rerank": p.decode_rerank}
+                      "mbr_beta": p.decode_mbr_beta, "rerank": p.decode_rerank,
+                      "deep_gain": p.decode_deep_gain}
         generation.update(_decoding_choice(run, student_path, cfg))
         teacher = {"checkpoint_hash": digest, "config": dataclasses.asdict(cfg.teacher)}
         return cls(student, raw, prep, {"name": cfg.teacher.llm, "dtype": cfg.teacher.llm_dtype},
@@ -290,9 +292,19 @@ class Decoder:
     @torch.no_grad()
     def fmri_tokens(self, data: np.ndarray, rows: Sequence[int] | None = None,
                     batch_size: int | None = None) -> torch.Tensor:
-        """Student output Z (n, L, d_llm) float32 for windows ``data[rows]`` (n, T, F)."""
-        out = [self.student(x).float().cpu() for _, x in self._inputs(data, rows, batch_size)]
+        """Student output Z (n, L, d_llm) float32 for windows ``data[rows]`` (n, T, F), with
+        the deep path weighed by the generation setting ``deep_gain``."""
+        out = [self.tokens(x).float().cpu() for _, x in self._inputs(data, rows, batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.n_tokens, self.d_llm)
+
+    @property
+    def deep_gain(self) -> float:
+        """Weight of the student's deep path in its tokens (1 for folders saved before it)."""
+        return float(self.generation.get("deep_gain", 1.0))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Z (B, L, d_llm) of the student's input ``x`` (:meth:`_inputs`), at :attr:`deep_gain`."""
+        return self.student(x, deep_gain=self.deep_gain)
 
     def _inputs(self, data: np.ndarray, rows: Sequence[int] | None, batch_size: int | None):
         """(start, x) per batch of windows ``data[rows]``: x the student's input on its device,

@@ -224,9 +224,8 @@ class TeacherConfig:
     projector_hidden: int = 1024  # width of the mlp projector
     token_norm: bool = True  # rescale video tokens to the LLM embedding std
     system_prompt: str = "You describe short videos."  # '' keeps the template default
-    # stage 1 (BLIP-2's image-text contrastive, ITC): pooled video-Q-Former output vs the
-    # frozen sentence embedding of a caption; makes the queries discriminative before the
-    # slow captioning stage. 0 steps skips it (a loaded pretrained Q-Former needs none).
+    # stage 1 (BLIP-2's image-text contrastive, ITC): pooled video-Q-Former output vs a caption's
+    # frozen sentence embedding, before the slow captioning stage; 0 skips it (pretrained Q-Former)
     itc_steps: int = 60  # the demo's ITC loss is 0.21 by step 51 (0.07 at 100); see BENCHMARKS
     itc_batch_size: int = 32
     itc_lr: float = 3e-4
@@ -241,9 +240,7 @@ class TeacherConfig:
     heldout_fraction: float = 0.2  # web clips held out to evaluate the teacher
     max_new_tokens: int = 24
     greedy: bool = True  # greedy decoding; else sampling seeded by seed
-    # clips per batched generation (annotate, evaluation): 128 answered the demo's clips in
-    # 0.92x the time of 64, same answers (BENCHMARKS)
-    generate_batch_size: int = 128
+    generate_batch_size: int = 128  # clips per generation (annotate): 0.92x the time of 64 (BENCHMARKS)
     seed: int = 0
 
 
@@ -321,16 +318,13 @@ class PipelineConfig:
     """``fmri2text run`` / ``decode``: where the teacher comes from, and decoding settings."""
 
     teacher_checkpoint: str = ""  # a trained teacher.safetensors; '' fits one on the web clips
-    # test trials per batched generation (each step reads every LLM weight, so rows share that
-    # cost): MBR-32 over 16 prompts at a time is 0.86x the time of 8, same answers (BENCHMARKS,
-    # +0.7 GB); 32 gained 0.02x more for another 1.3 GB
+    # answer rows per batched generation (each step reads every LLM weight, so rows share that
+    # cost): 16 prompts of MBR-32 at a time took 0.86x the time of 8, same answers (BENCHMARKS)
     decode_batch_size: int = 512
     decode_max_new_tokens: int = 24  # answer length cap of fMRI2Text (and the controls)
     decode_greedy: bool = True  # greedy decoding; else sampling seeded by evaluation.seed
-    # > 1: minimum-Bayes-risk decoding: this many sampled answers per trial (plus the greedy
-    # one when decode_greedy), the consensus kept (models/generation.py mbr_choice); the controls
-    # that go through the LLM (shuffled, ridge_tokens) are decoded the same way;
-    # decode_batch_size then counts answer rows. 0 or 1: one answer per trial
+    # > 1: minimum-Bayes-risk decoding of this many sampled answers per trial (+ the greedy one),
+    # as are the controls through the LLM (models/generation.py mbr_choice). 0 or 1: one answer
     decode_samples: int = 32
     decode_temperature: float = 0.7  # sampling temperature (decode_samples > 1 or greedy off)
     decode_top_p: float = 0.9  # nucleus of the sampled answers
@@ -340,17 +334,20 @@ class PipelineConfig:
     # semantic head predicts (encoder.semantic_head), cosines as directions from the training
     # answers' mean (api.Decoder.embed_answers); 0: plain consensus (why not: see below)
     decode_rerank: float = 1.0
-    # choose the decoding on the training subjects' validation trials (split.val_fraction,
-    # each trial's tokens cross-fitted as a held-out subject's): one answer per trial, or MBR
-    # over decode_samples with each of decode_choose_betas x decode_choose_reranks; the best
-    # mean of BERTScore-F1 and BLEU-1 against the teacher's answers decodes the test trials,
-    # the controls and the exported model (decode.json 'decoding_choice'). Off:
-    # decode_samples, decode_mbr_beta and decode_rerank as set
+    # choose the decoding on the training subjects' validation trials (tokens cross-fitted as a
+    # held-out subject's): one answer, or MBR with each of decode_choose_betas x _reranks, at
+    # each of decode_choose_deep_gains; the best mean of BERTScore-F1 and BLEU-1 against the
+    # teacher's answers decodes the test trials, the controls and the exported model
+    # (decode.json 'decoding_choice'). Off: decode_samples, _mbr_beta, _rerank, _deep_gain as set
     decode_choose: bool = True
     decode_choose_betas: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0])
     # no 0 by default: on validation (subjects the deep path trained on) the semantic head looked
     # worth -1.6..+1.2 F1, on held-out test trials +0.7..+10.9 in 15 of 16 (BENCHMARKS, s. 19)
     decode_choose_reranks: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    # weight of the deep path's residual in the tokens that decode (0: the linear path alone,
+    # models/student.py); on one world of four, validation and test alike preferred 0 (s. 20)
+    decode_deep_gain: float = 1.0
+    decode_choose_deep_gains: list[float] = field(default_factory=lambda: [1.0, 0.0])
     # teacher health after annotate (fmri2text/health.py): below these the run stops (exit 2)
     min_distinct_answer_fraction: float = 0.05  # distinct answers / clips
     max_token_cosine: float = 0.995  # mean pairwise cosine of the clips' mean video tokens
@@ -480,6 +477,10 @@ def validate(cfg: Config, source: Any = None) -> None:
         (min(p.decode_choose_reranks, default=-1) >= 0,
          "pipeline.decode_choose_reranks", p.decode_choose_reranks,
          "a non-empty list of numbers >= 0, e.g. [0.0, 1.0, 2.0, 4.0]"),
+        (p.decode_deep_gain >= 0, "pipeline.decode_deep_gain", p.decode_deep_gain,
+         "0 (the linear path alone) or positive (1: the trained student)"),
+        (min(p.decode_choose_deep_gains, default=-1) >= 0, "pipeline.decode_choose_deep_gains",
+         p.decode_choose_deep_gains, "a non-empty list of numbers >= 0, e.g. [1.0, 0.0]"),
     ]
     for ok, key, value, allowed in checks:
         if not ok:

@@ -34,6 +34,7 @@ import torch
 from fmri2text.config import Config
 from fmri2text.errors import UserError
 from fmri2text.io import ensure_output_dir, file_hash, write_bytes, write_json, write_jsonl
+from fmri2text.models.student import deep_gain_text
 from fmri2text.steps import EVAL_ANNOTATIONS, teacher_checkpoint
 
 Log = Callable[[str], None]
@@ -108,15 +109,15 @@ def _distinct_answers(distinct: list[str], clips, references: list[str]) -> list
     return [first[c] for c in distinct]
 
 
-def _saliency(student, data, positions: np.ndarray, batch: int) -> np.ndarray:
+def _saliency(decoder, data, positions: np.ndarray, batch: int) -> np.ndarray:
     """Mean |∂‖Z‖²/∂fMRI| over trials and time, per feature (F,): where the decoder looks."""
     total = None
     for s in range(0, len(positions), batch):
         x = data.fmri(positions[s:s + batch]).requires_grad_(True)  # (B, T, X', Y', Z')
-        student(x).float().pow(2).sum().backward()
+        decoder.tokens(x).float().pow(2).sum().backward()
         g = x.grad.abs().sum(dim=(0, 1))  # (X', Y', Z')
         total = g if total is None else total + g
-    student.zero_grad(set_to_none=True)
+    decoder.student.zero_grad(set_to_none=True)
     flat = total.flatten() if data.crop is None else total.flatten()[data.crop.index]
     return (flat / max(len(positions), 1)).numpy()
 
@@ -129,7 +130,9 @@ def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) 
     cross-fitted as a held-out subject's would be (Stage I's offsets): once with one answer
     per trial, and once with ``pipeline.decode_samples`` candidates (drawn once), chosen by
     MBR with each of ``pipeline.decode_choose_betas`` × ``decode_choose_reranks`` (rerank
-    weights only where the student has a semantic head). Each setting's answers are scored
+    weights only where the student has a semantic head) — all of it for each of
+    ``decode_choose_deep_gains``, the weight of the student's deep path in its tokens (only
+    where it has a linear path; 0: the linear path alone). Each setting's answers are scored
     against the teacher's answers of those clips; the best mean of BERTScore-F1 and BLEU-1
     is set in ``decoder.generation``. Returns every setting's scores and the choice, or None
     when off (``pipeline.decode_choose=false``, ``decode_samples`` < 2, fewer than 2
@@ -150,23 +153,26 @@ def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) 
     clips = trials["stim_file"].astype(str).to_numpy()[val]
     instructions, answers = load_targets(run, cfg.stage1.annotations).text_of(clips)
     crossfit = Path(run) / "stage1" / CROSSFIT_FILE
-    # (n_val, L, d): the linear path as if these trials were not fitted on
-    z = decoder.student.cross_fitted(decoder.fmri_tokens(windows.data, val),
-                                     load_crossfit(crossfit, val))
+    offsets = load_crossfit(crossfit, val)  # (n_val, L, d): the linear path as if not fitted on
     semantic = decoder.semantic(windows.data, val, offsets=load_crossfit(crossfit, val, "semantic"))
     kw = decoder.generation_kwargs()
     model, tokenizer = decoder.llm()
-    cands = mbr_candidates(model, tokenizer, z, instructions, kw["max_new_tokens"],
-                           greedy=kw["greedy"], seed=kw["seed"], temperature=kw["temperature"],
-                           top_p=kw["top_p"], batch_size=kw["batch_size"],
-                           samples=p.decode_samples, system=kw["system"])
-    # one answer per trial: the greedy answer is each prompt's first candidate
-    settings = {(0, kw["mbr_beta"], 0.0): [next(iter(c)) for c in cands] if kw["greedy"] else
-                generate(model, tokenizer, z, instructions, **{**kw, "samples": 0})}
     reranks = p.decode_choose_reranks if semantic is not None else [0.0]
-    grid = choose_answers_grid(cands, p.decode_choose_betas, reranks, semantic,
-                               decoder.embed_answers)
-    settings.update({(p.decode_samples, *key): texts for key, texts in grid.items()})
+    deep_gains = p.decode_choose_deep_gains if decoder.student.linear is not None else [1.0]
+    settings = {}  # (deep gain, samples, beta, rerank) -> the validation trials' answers
+    for deep in deep_gains:
+        decoder.generation["deep_gain"] = deep
+        z = decoder.student.cross_fitted(decoder.fmri_tokens(windows.data, val), offsets)
+        cands = mbr_candidates(model, tokenizer, z, instructions, kw["max_new_tokens"],
+                               greedy=kw["greedy"], seed=kw["seed"], temperature=kw["temperature"],
+                               top_p=kw["top_p"], batch_size=kw["batch_size"],
+                               samples=p.decode_samples, system=kw["system"])
+        # one answer per trial: the greedy answer is each prompt's first candidate
+        settings[(deep, 0, kw["mbr_beta"], 0.0)] = [next(iter(c)) for c in cands] \
+            if kw["greedy"] else generate(model, tokenizer, z, instructions, **{**kw, "samples": 0})
+        grid = choose_answers_grid(cands, p.decode_choose_betas, reranks, semantic,
+                                   decoder.embed_answers)
+        settings.update({(deep, p.decode_samples, *key): texts for key, texts in grid.items()})
     scorer = TextScorer(cfg.evaluation)
     scores = {}
     for key, texts in settings.items():
@@ -174,14 +180,16 @@ def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) 
         scores[key] = {"bertscore_f1": s["bertscore_f1"], "bleu1": s["bleu1"],
                        "mean": (s["bertscore_f1"] + s["bleu1"]) / 2}
     best = max(scores, key=lambda k: scores[k]["mean"])  # ties: the first (one answer)
-    decoder.generation.update(samples=best[0], mbr_beta=best[1], rerank=best[2])
-    name = lambda k: "one answer" if k[0] == 0 else f"MBR-{k[0]} beta {k[1]:g} rerank {k[2]:g}"  # noqa: E731
+    decoder.generation.update(deep_gain=best[0], samples=best[1], mbr_beta=best[2], rerank=best[3])
+    name = lambda k: ("one answer" if k[1] == 0 else f"MBR-{k[1]} beta {k[2]:g} rerank {k[3]:g}") \
+        + ("" if len(deep_gains) == 1 else f", deep gain {k[0]:g}")  # noqa: E731
     log(f"decode: chose {name(best)} on {len(val)} validation trials (mean of BERTScore-F1 "
         "and BLEU-1: " + ", ".join(f"{name(k)} {v['mean']:.2f}" for k, v in scores.items()) + ")")
     return {"n_validation_trials": len(val), "criterion": "mean of bertscore_f1 and bleu1 "
             "against the teacher's answers",
-            "chosen": {"samples": best[0], "mbr_beta": best[1], "rerank": best[2]},
-            "settings": [{"samples": k[0], "mbr_beta": k[1], "rerank": k[2], **v}
+            "chosen": {"samples": best[1], "mbr_beta": best[2], "rerank": best[3],
+                       "deep_gain": best[0]},
+            "settings": [{"samples": k[1], "mbr_beta": k[2], "rerank": k[3], "deep_gain": k[0], **v}
                          for k, v in scores.items()]}
 
 
@@ -224,7 +232,7 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     t = time.perf_counter()
     pos = np.arange(len(test))
     z = decoder.fmri_tokens(windows.data, test_idx)  # (n, L, d)
-    saliency = _saliency(decoder.student, test, pos, p.decode_batch_size)
+    saliency = _saliency(decoder, test, pos, p.decode_batch_size)
     instrs = [instruction] * len(test)
     log(f"decode: {len(test)} test trials of {len(set(subjects))} held-out subject(s)")
     semantic = decoder.semantic(windows.data, test_idx)  # (n, d_s) or None
@@ -289,6 +297,7 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
               "reference": "video2text" if video2text[0] is not None else "truth",
               "truth_source": truth_source,
               "prompt_only_answer": prior, "generation": decoder.generation_kwargs(),
+              "deep_gain": decoder.deep_gain,
               "decoding_choice": choice,
               "mask_sha256": decoder.preprocessing.mask_sha256(),
               "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -358,12 +367,14 @@ def decoding_summary(record: dict) -> dict:
     text = ("greedy" if g.get("greedy", True) else "sampled") if samples < 2 else (
         f"MBR over {samples} samples (beta {g.get('mbr_beta', 1.0):g}, semantic rerank "
         f"{g.get('rerank', 0.0):g})")
+    deep = float(record.get("deep_gain", 1.0))
+    text += f", {deep_gain_text(deep)}" if deep != 1 else ""
     choice = record.get("decoding_choice")
     if choice:
         text += (f", chosen on {choice['n_validation_trials']} validation trials of the training "
                  f"subjects among {len(choice['settings'])} settings")
     return {"text": text, "samples": samples, "mbr_beta": g.get("mbr_beta"),
-            "rerank": g.get("rerank"), "chosen_on_validation": bool(choice)}
+            "rerank": g.get("rerank"), "deep_gain": deep, "chosen_on_validation": bool(choice)}
 
 
 def run_evaluate(run: Path, cfg: Config, log: Log = print) -> dict:

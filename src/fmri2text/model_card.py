@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fmri2text.models.student import deep_gain_text
 
 
 def _usage(config: dict) -> str:
@@ -45,6 +46,7 @@ def _grid(config: dict) -> str:
 
 def _model(config: dict) -> str:
     s, llm, teacher, gen = config["student"], config["llm"], config["teacher"], config["generation"]
+    deep = deep_gain_text(float(gen.get("deep_gain", 1.0)))
     spec, enc, tcfg = s["spec"], s["encoder"], teacher.get("config", {})
     adaptors = (f"with nonlinear\n  low-rank adaptors (rank {enc['adapter_rank']})" if enc["adapter_rank"]
                 else "frozen, without\n  adaptors")
@@ -61,7 +63,7 @@ def _model(config: dict) -> str:
   `{teacher.get('checkpoint_hash', '?')}`, vision `{tcfg.get('vision', '?')}`,
   {tcfg.get('video_queries', '?')} video tokens)
 - generation: {'greedy' if gen['greedy'] else 'sampled (seeded)'}, at most
-  {gen['max_new_tokens']} new tokens
+  {gen['max_new_tokens']} new tokens{'; tokens ' if deep else ''}{deep}
 """
 
 

@@ -78,3 +78,22 @@ def test_frozen_tokenizer_keeps_its_standardiser_statistics():
     assert torch.equal(s.tokenizer.standardize.running_mean, stats)
     s.eval().train()
     assert not s.tokenizer.training
+
+
+def test_deep_gain_weighs_the_deep_path_over_the_linear_one():
+    """deep_gain 0 gives the linear path alone (the decode choice's other candidate), 1 the
+    whole student, and values between scale only the deep path's residual."""
+    torch.manual_seed(0)
+    n = SHAPE[1] * SHAPE[2] * SHAPE[3]
+    s = Student.from_config(EncoderConfig(preset="tiny", projector_dim=32, projector_heads=2),
+                            SHAPE, d_llm=24, n_tokens=5, linear=(torch.arange(n), 3))
+    with torch.no_grad():  # a fitted linear path and a trained deep path: both non-zero
+        for t in (s.linear.basis, s.linear.weight, s.linear.bias, s.projector.out.weight):
+            t.copy_(torch.randn_like(t))
+    s.eval()
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        whole, linear = s(x), s.linear(x)
+        assert torch.equal(s(x, deep_gain=0.0), linear) and torch.equal(s(x, deep_gain=1.0), whole)
+        assert linear.abs().max() > 0 and (whole - linear).abs().max() > 0
+        assert torch.allclose(s(x, deep_gain=0.5), linear + 0.5 * (whole - linear), atol=1e-5)

@@ -163,6 +163,15 @@ class LinearPath(nn.Module):
             getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
 
 
+def deep_gain_text(deep_gain: float) -> str:
+    """How a decoder's tokens are made, for logs, reports and model cards ('' for the whole
+    student, deep path at weight 1)."""
+    if deep_gain == 1:
+        return ""
+    return ("from the student's linear path alone (deep path off)" if deep_gain == 0
+            else f"with the student's deep path at weight {deep_gain:g}")
+
+
 class Student(nn.Module):
     """fMRI window (B, T, X, Y, Z) or (B, T, V) → Z (B, L, d_llm)."""
 
@@ -227,9 +236,15 @@ class Student(nn.Module):
         """(B, T, …) → encoder tokens (B, 1+N, D_enc)."""
         return self.encoder(self.tokenizer(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, …) → Z (B, L, d_llm): deep path, plus the linear path when there is one."""
+    def forward(self, x: torch.Tensor, deep_gain: float = 1.0) -> torch.Tensor:
+        """(B, T, …) → Z (B, L, d_llm): the deep path times ``deep_gain``, plus the linear path
+        when there is one. ``deep_gain`` 0 with a linear path: the linear path alone (the deep
+        path is not run); decoding may choose it on validation (``pipeline.decode_deep_gain``)."""
+        if deep_gain == 0 and self.linear is not None:
+            return self.linear(x)  # (B, L, d_llm)
         z = self.projector(self.encode_tokens(x))  # (B, L, d_llm)
+        if deep_gain != 1:
+            z = z * deep_gain
         return z if self.linear is None else z + self.linear(x).to(z.dtype)
 
     def cross_fitted(self, z: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
