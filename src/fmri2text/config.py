@@ -345,7 +345,7 @@ class PipelineConfig:
     # worth -1.6..+1.2 F1, on held-out test trials +0.7..+10.9 in 15 of 16 (BENCHMARKS, s. 19)
     decode_choose_reranks: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     # weight of the deep path's residual in the tokens that decode (0: the linear path alone,
-    # models/student.py); on one world of four, validation and test alike preferred 0 (s. 20)
+    # models/student.py); on the seed-23 world validation and test alike preferred 0 (s. 20)
     decode_deep_gain: float = 1.0
     decode_choose_deep_gains: list[float] = field(default_factory=lambda: [1.0, 0.0])
     # teacher health after annotate (fmri2text/health.py): below these the run stops (exit 2)
