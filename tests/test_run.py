@@ -216,6 +216,26 @@ def test_decoding_is_chosen_on_validation_trials_and_applied(tmp_path, finished_
     assert rows and all(isinstance(r["fmri2text"], str) for r in rows)
 
 
+def test_held_out_subjects_are_aligned_by_their_adapt_trials(finished_run):
+    """Each held-out subject's linear-path components are aligned to the training subjects by
+    its unlabelled adapt trials (models/alignment.py); decode.json and the report say so, and
+    a shrinkage outside [0, 1] is refused before anything is written."""
+    from fmri2text.config import EncoderConfig
+
+    out, args, _ = finished_run
+    decode = json.loads((out / "decode.json").read_text())
+    trials = pd.read_csv(out / "prepared" / "trials.tsv", sep="\t", dtype={"subject": str})
+    adapt = trials.loc[trials["split"] == "adapt", "subject"].value_counts()
+    assert len(adapt) and decode["subject_alignment"] == {
+        "method": "coral", "shrinkage": EncoderConfig().align_shrinkage,
+        "unlabelled_trials": {s: int(n) for s, n in sorted(adapt.items())}}
+    assert "aligned to the training subjects by its unlabelled adapt" in (out / "report.html").read_text()
+    before = (out / "predictions.jsonl").read_bytes()
+    bad = cli(*args, "encoder.align_shrinkage=1.5")
+    assert bad.returncode == 2 and "encoder.align_shrinkage" in bad.stderr
+    assert (out / "predictions.jsonl").read_bytes() == before
+
+
 def test_decode_with_a_student_of_another_config(finished_run, tiny_llm_dir):
     out, _, _ = finished_run
     before = (out / "predictions.jsonl").read_bytes()

@@ -291,11 +291,32 @@ class Decoder:
 
     @torch.no_grad()
     def fmri_tokens(self, data: np.ndarray, rows: Sequence[int] | None = None,
-                    batch_size: int | None = None) -> torch.Tensor:
+                    batch_size: int | None = None, offsets: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """Student output Z (n, L, d_llm) float32 for windows ``data[rows]`` (n, T, F), with
-        the deep path weighed by the generation setting ``deep_gain``."""
+        the deep path weighed by the generation setting ``deep_gain``. ``offsets`` (n, L, d):
+        per-trial offsets of the linear path (:meth:`alignment`), applied at its gain."""
         out = [self.tokens(x).float().cpu() for _, x in self._inputs(data, rows, batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, self.n_tokens, self.d_llm)
+        z = torch.cat(out) if out else torch.zeros(0, self.n_tokens, self.d_llm)
+        return z if offsets is None else self.student.cross_fitted(z, offsets)
+
+    def alignment(self, data: np.ndarray, rows: Sequence[int], subjects: Sequence[str],
+                  adapt_rows: Sequence[int], adapt_subjects: Sequence[str],
+                  batch_size: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Offsets aligning each subject of windows ``data[rows]`` to the training subjects by
+        its unlabelled windows among ``data[adapt_rows]`` (CORAL, :mod:`fmri2text.models.
+        alignment`): tokens (n, L, d) for :meth:`fmri_tokens`, semantic (n, d_s) or None for
+        :meth:`semantic`; (None, None) for a student trained without ``encoder.align_subjects``."""
+        from fmri2text.models.alignment import subject_offsets
+
+        linear, enc = self.student.linear, json.loads(self.student_meta.get("encoder", "{}"))
+        if linear is None or not enc.get("align_subjects", False) or not (len(rows) and len(adapt_rows)):
+            return None, None
+        with torch.no_grad():
+            h = [torch.cat([linear.components(x).float().cpu()
+                            for _, x in self._inputs(data, r, batch_size)]) for r in (rows, adapt_rows)]
+        return subject_offsets(linear, h[0], np.asarray(subjects), h[1],
+                               np.asarray(adapt_subjects), float(enc["align_shrinkage"]))
 
     @property
     def deep_gain(self) -> float:
@@ -318,22 +339,24 @@ class Decoder:
 
     def embed(self, bold, events: str | Path | None = None, onsets: Sequence[float] | None = None,
               *, pooled: bool = True, tr: float | None = None,
-              batch_size: int | None = None) -> np.ndarray:
+              batch_size: int | None = None, adapt: np.ndarray | None = None) -> np.ndarray:
         """fMRI embeddings of one run's trials, for retrieval.
 
-        Parameters are those of :meth:`windows`. With ``pooled`` (default) returns the
-        L2-normalised mean of the fMRI tokens, (n, d_llm) — what ``RUN/retrieval.npz``
-        scores against the teacher's pooled video tokens; otherwise the tokens Z
-        themselves, (n, L, d_llm).
+        Parameters are those of :meth:`windows` (``adapt`` as in :meth:`decode`). With
+        ``pooled`` (default) returns the L2-normalised mean of the fMRI tokens, (n, d_llm) —
+        what ``RUN/retrieval.npz`` scores against the teacher's pooled video tokens;
+        otherwise the tokens Z themselves, (n, L, d_llm).
         """
-        z = self.fmri_tokens(self.windows(bold, events, onsets, tr).data, batch_size=batch_size)
+        data = self.windows(bold, events, onsets, tr).data
+        z = self.fmri_tokens(data, batch_size=batch_size,
+                             offsets=self._own_alignment(data, adapt, batch_size)[0])
         if pooled:
             z = torch.nn.functional.normalize(z.mean(dim=1), dim=-1)
         return z.numpy()
 
     def decode(self, bold, events: str | Path | None = None, onsets: Sequence[float] | None = None,
                instruction: str | None = None, batch_size: int | None = None,
-               tr: float | None = None) -> list[str]:
+               tr: float | None = None, adapt: np.ndarray | None = None) -> list[str]:
         """One text per trial of one run: fMRI → student → frozen LLM (greedy by default).
 
         Parameters
@@ -344,6 +367,10 @@ class Decoder:
             What to ask about each trial; default the one the decoder was evaluated with.
         batch_size : int, optional
             Trials per student forward and per batched generation.
+        adapt : array, optional
+            The same subject's unlabelled windows (``decoder.windows(other_run, …).data``): the
+            subject is first aligned to the training subjects by them (:meth:`alignment`), as
+            the run's held-out subjects were by their adapt trials. None: unaligned.
 
         Returns
         -------
@@ -354,9 +381,18 @@ class Decoder:
         if not str(instruction).strip():
             raise UserError("the instruction is empty", fix="pass instruction='Describe the video.'")
         data = self.windows(bold, events, onsets, tr).data
-        z = self.fmri_tokens(data, batch_size=batch_size)
+        tok_off, sem_off = self._own_alignment(data, adapt, batch_size)
+        z = self.fmri_tokens(data, batch_size=batch_size, offsets=tok_off)
         return self.generate(z, [instruction] * len(z), batch_size=batch_size,
-                             semantic=self.semantic(data, batch_size=batch_size))
+                             semantic=self.semantic(data, batch_size=batch_size, offsets=sem_off))
+
+    def _own_alignment(self, data: np.ndarray, adapt: np.ndarray | None, batch_size: int | None):
+        """:meth:`alignment` of one subject's windows by its unlabelled ``adapt`` ones (None: none)."""
+        if adapt is None:
+            return None, None
+        n, m = len(data), len(adapt)
+        both = np.concatenate([np.asarray(data, np.float32), np.asarray(adapt, np.float32)])
+        return self.alignment(both, range(n), ["s"] * n, range(n, n + m), ["s"] * m, batch_size)
 
     def semantic(self, data: np.ndarray, rows: Sequence[int] | None = None,
                  batch_size: int | None = None, offsets: torch.Tensor | None = None
@@ -364,7 +400,7 @@ class Decoder:
         """The semantic head's predictions (n, d_s) for windows ``data[rows]`` as unit-length
         directions from the training answers' mean (comparable with :meth:`embed_answers`),
         or None when the student has none. ``offsets`` (n, d_s): Stage I's cross-fitting
-        offsets of training trials (validation)."""
+        offsets of training trials (validation), or :meth:`alignment`'s."""
         linear = self.student.linear
         if linear is None or not linear.semantic_dim:
             return None

@@ -173,6 +173,10 @@ class EncoderConfig:
     # embedding of the teacher's answer (the ridge peer's map); decoding weighs the LLM's
     # sampled answers by agreement with it (pipeline.decode_rerank). Needs linear_rank > 0
     semantic_head: bool = True
+    # a held-out subject's linear-path components aligned to the training subjects' by CORAL
+    # from its unlabelled trials (models/alignment.py), covariance shrunk toward its diagonal
+    align_subjects: bool = True
+    align_shrinkage: float = 0.7
 
 
 @dataclass
@@ -293,22 +297,18 @@ class Stage2Config:
     log_every: int = 5
     mixed_precision: str = "auto"  # auto follows the LLM dtype (bf16 on a CUDA GPU only) | bf16 | no
     train_tokenizer: bool = False  # DESIGN: only the bridge (adaptors + projector) and g train
-    # the linear path's weights learn in Stage II too (false: its closed-form map stays, the
-    # deep path learns the residual through the LLM)
+    # the linear path's weights learn in Stage II too (false: its closed-form map stays)
     train_linear: bool = False
     # gains of the linear path's predicted deviation tried before training, in increasing
     # order until the validation CE rises; the lowest is kept (models/student.py LinearPath,
     # training/stage2.py choose_gain); [1.0] keeps the ridge map
     linear_gains: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5, 1.75, 2.0])
     compare_da: bool = False  # also train the other DA setting (same seed) for the with/without table
-    # held-out test trials (evenly spaced) for the CE before and after, a diagnostic (each
-    # pass through the LLM costs ~3.5 s per 32 trials on 2 cores); 0 = all
+    # held-out test trials (evenly spaced) for the CE before and after, a diagnostic; 0 = all
     eval_max_trials: int = 32
     val_every: int = 20  # steps between validation CE passes (best step kept); 0 = keep the last
-    # passes in a row without beating the best before stopping; 0 = never. Off: with passes
-    # at 0/20/40/60 it could only save the last 20 steps, and it stopped both MBM-initialised
-    # demo runs at step 40 on step 0's weights (CE 1.191 -> 1.277 -> 1.198) where step 60
-    # reached 1.123 (BENCHMARKS, session 16); it never stopped a default run
+    # passes in a row without beating the best before stopping; 0 = never. Off: it stopped
+    # MBM-initialised demo runs on step 0 where step 60 was better (BENCHMARKS, session 16)
     val_patience: int = 0
     seed: int = 0
 
@@ -318,8 +318,7 @@ class PipelineConfig:
     """``fmri2text run`` / ``decode``: where the teacher comes from, and decoding settings."""
 
     teacher_checkpoint: str = ""  # a trained teacher.safetensors; '' fits one on the web clips
-    # answer rows per batched generation (each step reads every LLM weight, so rows share that
-    # cost): 16 prompts of MBR-32 at a time took 0.86x the time of 8, same answers (BENCHMARKS)
+    # answer rows per batched generation (rows share each step's read of the LLM's weights)
     decode_batch_size: int = 512
     decode_max_new_tokens: int = 24  # answer length cap of fMRI2Text (and the controls)
     decode_greedy: bool = True  # greedy decoding; else sampling seeded by evaluation.seed
@@ -435,6 +434,8 @@ def validate(cfg: Config, source: Any = None) -> None:
         (s.cnr_scale >= 0, "simulate.cnr_scale", s.cnr_scale, "zero or positive"),
         (s.web_clips >= 0, "simulate.web_clips", s.web_clips, "zero or positive"),
         (cfg.data.window >= 1, "data.window", cfg.data.window, "at least 1 volume"),
+        (0 <= cfg.encoder.align_shrinkage <= 1, "encoder.align_shrinkage",
+         cfg.encoder.align_shrinkage, "in [0, 1] (1: each component's variance alone)"),
         (cfg.data.smoothing_fwhm >= 0, "data.smoothing_fwhm", cfg.data.smoothing_fwhm,
          "zero (none) or a positive FWHM in mm"),
         (cfg.data.space in ("raw", "fmriprep", "cifti"), "data.space", cfg.data.space,

@@ -231,11 +231,15 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
 
     t = time.perf_counter()
     pos = np.arange(len(test))
-    z = decoder.fmri_tokens(windows.data, test_idx)  # (n, L, d)
+    adapt_idx = split_rows(trials, "adapt")  # each held-out subject aligned by its unlabelled
+    tok_off, sem_off = decoder.alignment(  # adapt trials (models/alignment.py), or None
+        windows.data, test_idx, subjects, adapt_idx,
+        trials["subject"].astype(str).to_numpy()[adapt_idx])
+    z = decoder.fmri_tokens(windows.data, test_idx, offsets=tok_off)  # (n, L, d)
     saliency = _saliency(decoder, test, pos, p.decode_batch_size)
     instrs = [instruction] * len(test)
     log(f"decode: {len(test)} test trials of {len(set(subjects))} held-out subject(s)")
-    semantic = decoder.semantic(windows.data, test_idx)  # (n, d_s) or None
+    semantic = decoder.semantic(windows.data, test_idx, offsets=sem_off)  # (n, d_s) or None
     decoded = decoder.generate(z, instrs, semantic=semantic)
     timings["decode"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -298,6 +302,11 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
               "truth_source": truth_source,
               "prompt_only_answer": prior, "generation": decoder.generation_kwargs(),
               "deep_gain": decoder.deep_gain,
+              "subject_alignment": None if tok_off is None else {
+                  "method": "coral", "shrinkage": cfg.encoder.align_shrinkage,
+                  "unlabelled_trials": {str(k): int(v) for k, v in zip(*np.unique(
+                      trials["subject"].astype(str).to_numpy()[adapt_idx], return_counts=True))
+                      if k in set(subjects)}},
               "decoding_choice": choice,
               "mask_sha256": decoder.preprocessing.mask_sha256(),
               "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -369,6 +378,10 @@ def decoding_summary(record: dict) -> dict:
         f"{g.get('rerank', 0.0):g})")
     deep = float(record.get("deep_gain", 1.0))
     text += f", {deep_gain_text(deep)}" if deep != 1 else ""
+    align = record.get("subject_alignment")
+    if align:
+        text += (", each held-out subject aligned to the training subjects by its unlabelled adapt "
+                 f"trials (CORAL, {sum(align['unlabelled_trials'].values())} trials)")
     choice = record.get("decoding_choice")
     if choice:
         text += (f", chosen on {choice['n_validation_trials']} validation trials of the training "

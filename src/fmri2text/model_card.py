@@ -19,6 +19,10 @@ from fmri2text.models.student import deep_gain_text
 
 def _usage(config: dict) -> str:
     data, width = config["preprocessing"]["data"], config["student"]["d_llm"]
+    align = ("" if not config["student"]["encoder"].get("align_subjects") else
+             "\nA new subject is first aligned to the training subjects by unlabelled trials of its "
+             "own\n(CORAL): pass `adapt=decoder.windows(other_bold, events=other_events).data` to "
+             "`decode`\nand `embed`, as the held-out subjects were aligned by their adapt trials.\n")
     return f"""## Use
 
 ```python
@@ -34,7 +38,7 @@ Default instruction: "{config['generation']['instruction']}". A run must be on t
 data's grid ({_grid(config)}); it is preprocessed exactly as in training: drift removal
 below {data['high_pass']} Hz, z-scoring within the run, a window of {data['window']} volumes
 from onset + {data['hrf_delay']} s.
-"""
+{align}"""
 
 
 def _grid(config: dict) -> str:

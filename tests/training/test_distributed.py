@@ -14,9 +14,9 @@ SCRIPT = Path(__file__).with_name("_train_script.py")
 STEPS = 20
 
 
-def _losses(run: Path) -> np.ndarray:
+def _losses(run: Path, term: str = "total") -> np.ndarray:
     rows = [json.loads(x) for x in (run / "stage1" / "log.jsonl").read_text().splitlines()]
-    return np.array([r["total"] for r in rows])
+    return np.array([r[term] for r in rows])
 
 
 def test_two_process_run_matches_one_process_and_keeps_ranks_in_sync(tmp_path):
@@ -39,7 +39,10 @@ def test_two_process_run_matches_one_process_and_keeps_ranks_in_sync(tmp_path):
         assert res["weights_synchronised"]
     assert results[0]["rank_digests"] == results[1]["rank_digests"]
     assert len(set(results[0]["rank_digests"])) == 1
-    a, b = _losses(one), _losses(two)
+    a, b = _losses(one, "l2l1"), _losses(two, "l2l1")
     assert len(a) == len(b) == STEPS
-    assert np.corrcoef(a, b)[0, 1] > 0.9  # same shape
-    assert b[-5:].mean() < b[:5].mean()  # and it decreases
+    # the same samples per step: the per-sample L2/L1 term follows the same curve (the CLIP
+    # term does not have to: each rank's in-batch negatives are 8 trials, not 16)
+    assert np.corrcoef(a, b)[0, 1] > 0.95
+    b = _losses(two)
+    assert b[-5:].mean() < b[:5].mean()  # and the whole loss decreases

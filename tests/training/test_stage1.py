@@ -63,6 +63,7 @@ def test_linear_path_starts_at_the_closed_form_ridge(experiment):
     from fmri2text.config import BaselineConfig
     from fmri2text.data.datasets import TrialWindows, split_rows
     from fmri2text.evaluation.baselines import RidgeBaseline
+    from fmri2text.models.alignment import MIN_TRIALS, coral_shift
     from fmri2text.training.stage1 import build_student, fit_linear_path
 
     windows, targets = experiment
@@ -83,21 +84,30 @@ def test_linear_path_starts_at_the_closed_form_ridge(experiment):
     want = exact.predict_embeddings(windows.data[test.rows].mean(1)).reshape(z.shape)
     np.testing.assert_allclose(z.numpy(), want, rtol=1e-4, atol=1e-4)
     # ... and each training trial's offset turns its in-sample prediction into the one of the
-    # map fitted without its subject
+    # map fitted without its subject, read through its components aligned to the fold's
+    # training components by the subject's own trials (models/alignment.py)
+    np.testing.assert_allclose(student.linear.component_std.numpy(), ridge.component_std_, rtol=1e-6)
     feats = windows.data[train.rows].mean(1)
     held = train.subjects == train.subjects[0]
     fold = RidgeBaseline(BaselineConfig(alphas=[ridge.alpha_], cv_folds=1)).fit(
         feats[~held], ["."] * int((~held).sum()), Y=x_train[~held].reshape(int((~held).sum()), -1).numpy())
+    h = fold.components(feats[held])
+    assert int(held.sum()) >= MIN_TRIALS
+    aligned = (h + coral_shift(h, h, fold.component_std_, cfg.encoder.align_shrinkage)) @ fold.weight_ \
+        + fold.intercept_
     got = ridge.predict_embeddings(feats[held]) + offsets[held].reshape(int(held.sum()), -1).numpy()
+    np.testing.assert_allclose(got, aligned, rtol=1e-4, atol=1e-4)
+    assert offsets.abs().max() > 0 and np.abs(aligned - fold.predict_embeddings(feats[held])).max() > 1e-3
+    plain = fit_linear_path(load_config(None, [*TINY, "encoder.align_subjects=false"]), train, x_train)
+    got = ridge.predict_embeddings(feats[held]) + plain.offsets[held].reshape(int(held.sum()), -1).numpy()
     np.testing.assert_allclose(got, fold.predict_embeddings(feats[held]), rtol=1e-4, atol=1e-4)
-    assert offsets.abs().max() > 0
     # at gain g the offsets scale too: a fitted-on trial gets the held-out map's prediction
     # with its deviation from the mean token times g, as a new subject's prediction is
     student.linear.gain.fill_(1.75)
     with torch.no_grad():
         z_held = student.cross_fitted(student(train.fmri(np.flatnonzero(held))), offsets[held])
     bias = student.linear.bias.detach().numpy()
-    want = bias + 1.75 * (fold.predict_embeddings(feats[held]) - bias)
+    want = bias + 1.75 * (aligned - bias)
     np.testing.assert_allclose(z_held.reshape(int(held.sum()), -1).numpy(), want, rtol=1e-4, atol=1e-4)
     assert student.cross_fitted(z_held, None) is z_held
 
@@ -110,6 +120,7 @@ def test_semantic_head_is_the_sentence_ridge_through_the_same_directions(experim
     from fmri2text.config import BaselineConfig
     from fmri2text.data.datasets import TrialWindows, split_rows
     from fmri2text.evaluation.baselines import RidgeBaseline
+    from fmri2text.models.alignment import coral_shift
     from fmri2text.training.stage1 import build_student, fit_linear_path, save_student
 
     windows, targets = experiment
@@ -133,8 +144,10 @@ def test_semantic_head_is_the_sentence_ridge_through_the_same_directions(experim
     held = train.subjects == train.subjects[0]
     fold = RidgeBaseline(BaselineConfig(alphas=[exact.alpha_], cv_folds=1)).fit(
         feats[~held], ["."] * int((~held).sum()), Y=e[~held], max_rank=cfg.encoder.linear_rank)
+    h = fold.components(feats[held])  # aligned by the subject's own trials, as the tokens are
+    h = h + coral_shift(h, h, fold.component_std_, cfg.encoder.align_shrinkage)
     np.testing.assert_allclose(exact.predict_embeddings(feats[held]) + fit.semantic_offsets[held].numpy(),
-                               fold.predict_embeddings(feats[held]), atol=1e-4)
+                               h @ fold.weight_ + fold.intercept_, atol=1e-4)
     save_student(student, tmp_path / "s.safetensors", spec=spec, input_shape=train.input_shape,
                  d_llm=targets.d_llm, n_tokens=targets.n_tokens, enc=cfg.encoder)
     again, _ = load_student(tmp_path / "s.safetensors")

@@ -132,6 +132,9 @@ class RidgeBaseline:
         self.intercept_ = Y.mean(0)  # (d,)
         # coef = Xs^T Q diag(1/(lam+alpha)) Q^T Yc = V diag(S/(S^2+alpha)) U^T Yc, V = Xs^T U / S
         self.basis_ = Xs.T @ (U / S)  # (p, r) orthonormal feature directions
+        # the training trials' components Xs @ basis_ = U S: centred, uncorrelated, with these
+        # standard deviations (what a new subject's are aligned to: models/alignment.py)
+        self.component_std_ = S / np.sqrt(max(len(X) - 1, 1))  # (r,)
         self.weight_ = (S / (lam[keep] + self.alpha_))[:, None] * (U.T @ (Y - self.intercept_))  # (r, d)
         # decoding candidates: each distinct training text once
         first: dict[str, int] = {}
@@ -175,13 +178,17 @@ class RidgeBaseline:
 
     def predict_embeddings(self, X: np.ndarray) -> np.ndarray:
         """(n, d) predicted sentence embeddings of new trials (e.g. held-out subjects)."""
+        return self.components(X) @ self.weight_ + self.intercept_
+
+    def components(self, X: np.ndarray) -> np.ndarray:
+        """(n, r) standardised features of new trials in the principal directions ``basis_``."""
         self._check_fitted()
         X = self._check_X(X, "fMRI features")
         if X.shape[1] != len(self.mean_):
             raise UserError(f"fMRI features have {X.shape[1]} columns but the ridge baseline was "
                             f"fitted on {len(self.mean_)}",
                             fix="extract features with the same mask and window as training")
-        return (((X - self.mean_) / self.scale_) @ self.basis_) @ self.weight_ + self.intercept_
+        return ((X - self.mean_) / self.scale_) @ self.basis_
 
     def decode(self, X: np.ndarray) -> list[str]:
         """The reference text of the nearest (cosine) training clip, per trial."""

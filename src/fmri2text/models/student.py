@@ -88,6 +88,10 @@ class LinearPath(nn.Module):
     rank : r, the number of principal directions kept.
     n_tokens, dim : L and d of the output.
     semantic_dim : width of the semantic head (0: none); its weights are fixed buffers.
+
+    A held-out subject's components are aligned to the training ones by
+    :mod:`fmri2text.models.alignment` (CORAL from its unlabelled trials), applied as offsets
+    of this path's outputs.
     """
 
     def __init__(self, index: torch.Tensor, rank: int, n_tokens: int, dim: int,
@@ -104,6 +108,9 @@ class LinearPath(nn.Module):
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("basis", torch.zeros(n, rank))
         self.register_buffer("gain", torch.ones(()))
+        # the training trials' component standard deviations (models/alignment.py aligns a
+        # new subject to them); zeros: unknown (a student saved before them), no alignment
+        self.register_buffer("component_std", torch.zeros(rank))
         self.weight = nn.Parameter(torch.zeros(rank, n_tokens * dim))
         self.bias = nn.Parameter(torch.zeros(n_tokens * dim))
 
@@ -159,7 +166,8 @@ class LinearPath(nn.Module):
             raise ValueError(f"ridge map {ridge.basis_.shape} x {ridge.weight_.shape} does not fit "
                              f"the linear path {tuple(self.basis.shape)} x {tuple(self.weight.shape)}")
         for name, value in (("mean", ridge.mean_), ("scale", ridge.scale_), ("basis", ridge.basis_),
-                            ("weight", ridge.weight_), ("bias", ridge.intercept_)):
+                            ("weight", ridge.weight_), ("bias", ridge.intercept_),
+                            ("component_std", ridge.component_std_)):
             getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
 
 

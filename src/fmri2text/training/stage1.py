@@ -117,7 +117,10 @@ def load_student(path: str | Path) -> tuple[Student, dict]:
     student = Student.from_mae(BrainMAE(EncoderSpec(**spec_d), input_shape), d_llm, n_tokens, enc,
                                lin)
     student.add_adapters(enc.adapter_rank, enc.adapter_scale)
-    load_state_checked(student, load_file(str(path)), path)
+    state = load_file(str(path))
+    if student.linear is not None:  # saved before the alignment statistics: none (zeros)
+        state.setdefault("linear.component_std", torch.zeros(student.linear.rank))
+    load_state_checked(student, state, path)
     info = {"input_shape": input_shape, "d_llm": d_llm, "n_tokens": n_tokens,
             "extra": json.loads(meta.get("extra", "{}"))}
     return student, info
@@ -222,9 +225,12 @@ def crossfit_offsets(cfg: Config, feats: np.ndarray, y: np.ndarray, subjects: np
     that train on top of it add these offsets to the training and validation trials' Z:
     the deep path and the LLM bridge then learn, and are validated, on inputs as noisy as a
     held-out subject's (cross-fitting, as in stacking). Zero with fewer than two training
-    subjects.
+    subjects. With ``encoder.align_subjects`` the held-out subject's components are first
+    aligned to the fold's training components from its own trials, unlabelled
+    (:mod:`fmri2text.models.alignment`), as a held-out subject's are at test.
     """
     from fmri2text.evaluation.baselines import RidgeBaseline
+    from fmri2text.models.alignment import coral_shift
 
     out = np.zeros_like(y, dtype=np.float32)
     groups = np.unique(subjects)
@@ -236,7 +242,10 @@ def crossfit_offsets(cfg: Config, feats: np.ndarray, y: np.ndarray, subjects: np
         held = subjects == g
         fold = RidgeBaseline(fixed).fit(feats[~held], ["."] * int((~held).sum()), Y=y[~held],
                                         max_rank=cfg.encoder.linear_rank)
-        out[held] = fold.predict_embeddings(feats[held]) - full[held]
+        h = fold.components(feats[held])  # (n_g, r)
+        if cfg.encoder.align_subjects:
+            h = h + coral_shift(h, h, fold.component_std_, cfg.encoder.align_shrinkage)
+        out[held] = h @ fold.weight_ + fold.intercept_ - full[held]
     return torch.from_numpy(out)
 
 
@@ -273,29 +282,60 @@ def load_eval_targets(run_dir: Path, train_targets: ClipTargets) -> ClipTargets:
 
 @torch.no_grad()
 def pooled_z(student: Student, data: TrialWindows, batch_size: int = 32,
-             positions: np.ndarray | None = None) -> torch.Tensor:
-    """Pooled, normalised Z (n, d) of dataset ``positions`` (default: all)."""
+             positions: np.ndarray | None = None, offsets: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Pooled, normalised Z (n, d) of dataset ``positions`` (default: all); ``offsets``
+    (len(data), L, d): per-trial offsets of the linear path (:func:`alignment_of`)."""
     student.eval()
     pos = np.arange(len(data)) if positions is None else np.asarray(positions)
-    out = [student.embedding(data.fmri(pos[s:s + batch_size]))
-           for s in range(0, len(pos), batch_size)]
+    out = []
+    for s in range(0, len(pos), batch_size):
+        x = data.fmri(pos[s:s + batch_size])
+        if offsets is None:
+            out.append(student.embedding(x))
+        else:
+            z = student.cross_fitted(student(x), offsets[pos[s:s + batch_size]])
+            out.append(torch.nn.functional.normalize(z.mean(dim=1), dim=-1))
     student.train()
     return torch.cat(out).float()  # (n, d)
 
 
+@torch.no_grad()
+def alignment_of(student: Student, data: TrialWindows, adapt: TrialWindows, enc: EncoderConfig,
+                 batch_size: int = 32) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-trial offsets aligning each held-out subject of ``data`` to the training subjects
+    by its unlabelled ``adapt`` trials (:func:`fmri2text.models.alignment.subject_offsets`):
+    tokens (len(data), L, d) and semantic (len(data), d_s) or None; (None, None) without a
+    linear path or with ``encoder.align_subjects`` off."""
+    from fmri2text.models.alignment import subject_offsets
+
+    linear = student.linear
+    if linear is None or not enc.align_subjects or len(data) == 0:
+        return None, None
+
+    def components(d: TrialWindows) -> torch.Tensor:  # (len(d), r)
+        out = [linear.components(d.fmri(np.arange(s, min(s + batch_size, len(d)))))
+               for s in range(0, len(d), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, linear.rank)
+
+    return subject_offsets(linear, components(data), data.subjects, components(adapt),
+                           adapt.subjects, enc.align_shrinkage)
+
+
 def retrieval(student: Student, data: TrialWindows, targets: ClipTargets,
-              batch_size: int = 32) -> dict:
+              batch_size: int = 32, offsets: torch.Tensor | None = None) -> dict:
     """fMRI→video identification among all clips of ``data``: top-1/top-5 and chance
     (fractions), scored by :func:`fmri2text.evaluation.metrics.retrieval_metrics`.
 
-    Each trial's pooled Z is compared (cosine) with the pooled X of every distinct clip of
-    the set; clips whose tokens tie count at their expected rank (identical tokens: chance).
+    Each trial's pooled Z (with ``offsets``, :func:`alignment_of`'s) is compared (cosine)
+    with the pooled X of every distinct clip of the set; clips whose tokens tie count at their
+    expected rank (identical tokens: chance).
     """
     from fmri2text.evaluation.metrics import retrieval_metrics
 
     clips = sorted(set(data.clips))
     cand = targets.tokens_of(clips).mean(dim=1).numpy()  # (K, d)
-    z = pooled_z(student, data, batch_size).numpy()  # (n, d)
+    z = pooled_z(student, data, batch_size, offsets=offsets).numpy()  # (n, d)
     truth = np.array([clips.index(c) for c in data.clips])  # (n,)
     m = retrieval_metrics(z, cand, truth)
     per_subject = {f"sub-{s}": retrieval_metrics(z[data.subjects == s], cand,
@@ -385,7 +425,10 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
 
     eval_targets = load_eval_targets(run_dir, targets)
     test_ok = len(test) > 0 and not eval_targets.missing(test.clips)
-    before = retrieval(student, test, eval_targets, s1.eval_batch_size) if (test_ok and main) else None
+    adapt = TrialWindows(windows, split_rows(windows.trials, "adapt"))
+    test_offsets, _ = alignment_of(student, test, adapt, cfg.encoder, s1.eval_batch_size)
+    before = retrieval(student, test, eval_targets, s1.eval_batch_size, test_offsets) \
+        if (test_ok and main) else None
     if before:
         log(f"stage1: untrained retrieval top-1 {before['top1']:.3f} "
             f"(chance {before['chance_top1']:.3f})")
@@ -440,7 +483,8 @@ def train_stage1(bids: str | Path, out_dir: str | Path, cfg: Config, resume: boo
     if result["stopped"] is not None:
         return metrics
     if main:
-        metrics["retrieval_after"] = retrieval(student, test, eval_targets, s1.eval_batch_size) \
+        metrics["retrieval_after"] = retrieval(student, test, eval_targets, s1.eval_batch_size,
+                                               test_offsets) \
             if test_ok else None
         if not test_ok:
             metrics["note"] = "no held-out test trials with teacher tokens: retrieval not measured"

@@ -36,9 +36,9 @@ from fmri2text.losses import StageTwoLoss, stage_two_loss_from_config
 from fmri2text.models import llm as llm_mod
 from fmri2text.models.student import Student
 from fmri2text.training import loop
-from fmri2text.training.stage1 import (CROSSFIT_FILE, STUDENT_FILE, load_crossfit,
-                                       load_eval_targets, load_student, load_targets, pooled_z,
-                                       save_student)
+from fmri2text.training.stage1 import (CROSSFIT_FILE, STUDENT_FILE, alignment_of,
+                                       load_crossfit, load_eval_targets, load_student,
+                                       load_targets, pooled_z, save_student)
 
 Log = Callable[[str], None]
 
@@ -148,15 +148,16 @@ class BridgeModel(nn.Module):
 
     def forward(self, src_fmri: torch.Tensor, instructions: list[str], answers: list[str],
                 src_labels: torch.Tensor | None = None, tgt_fmri: torch.Tensor | None = None,
-                tgt_index: torch.Tensor | None = None, src_offset: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
+                tgt_index: torch.Tensor | None = None, src_offset: torch.Tensor | None = None,
+                tgt_offset: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms {ce, [source_ce, nc, es, da], total} of one step; ``src_offset``
-        (B, L, d): the linear path's cross-fitting offsets of the source trials."""
+        (B, L, d): the linear path's cross-fitting offsets of the source trials;
+        ``tgt_offset`` (Bt, L, d): the target trials' subject alignment (stage1.alignment_of)."""
         z = self.student.cross_fitted(self.student(src_fmri), src_offset)  # (B, L, d)
         logits, labels = self.answer_logits(z, instructions, answers)
         if self.loss.dance is None:
             return self.loss(logits, labels)
-        tgt = self.student(tgt_fmri).mean(dim=1)  # (Bt, d) pooled target features
+        tgt = self.student.cross_fitted(self.student(tgt_fmri), tgt_offset).mean(dim=1)  # (Bt, d)
         self.last_target = (tgt.detach().float(), tgt_index)
         return self.loss(logits, labels, z.mean(dim=1), src_labels, tgt, tgt_index)
 
@@ -290,18 +291,22 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
                         path=run_dir / "stage1" / STUDENT_FILE,
                         fix="use the LLM of the teacher that produced the Stage I targets")
     freeze_for_stage2(student, s2.train_tokenizer, s2.train_linear)
+    eval_bs = cfg.stage1.eval_batch_size
+    # held-out subjects aligned by their unlabelled adapt trials, as decoding aligns them
+    adapt_offsets, _ = alignment_of(student, adapt, adapt, cfg.encoder, eval_bs)
+    test_offsets, _ = alignment_of(student, test, adapt, cfg.encoder, eval_bs)
     torch.manual_seed(s2.seed)
     loss = stage_two_loss_from_config(cfg.loss, dim=info["d_llm"], n_classes=max(len(codes), 2),
                                       n_target=max(len(adapt), 1))
     model = BridgeModel(student, loss, llm, tokenizer, cfg.teacher.system_prompt or None)
     eval_targets = load_eval_targets(run_dir, targets)  # test clips: scored, never trained on
     test_ok = len(test) > 0 and not eval_targets.missing(test.clips)
-    eval_bs = cfg.stage1.eval_batch_size
     gains = choose_gain(model, val, targets, eval_bs, val_offsets, s2.linear_gains, log) \
         if not resume else None
-    before = heldout_ce(model, test, eval_targets, eval_bs, s2.eval_max_trials) if test_ok and main else None
+    before = heldout_ce(model, test, eval_targets, eval_bs, s2.eval_max_trials,
+                        offsets=test_offsets) if test_ok and main else None
     if da and not resume:  # DANCE: the memory bank starts from the target features
-        feats = pooled_z(student, adapt, eval_bs)
+        feats = pooled_z(student, adapt, eval_bs, offsets=adapt_offsets)
         loss.dance.memory.fill(feats, torch.arange(len(adapt)))
     optimizer = loop.adamw(model, settings)
     # model and optimizer together: DeepSpeed/FSDP configs shard or wrap both
@@ -325,6 +330,8 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
             j = tgt_batches.batch(step)
             kw = {"src_labels": torch.as_tensor(src.classes[i], device=dev),
                   "tgt_fmri": adapt.fmri(j).to(dev), "tgt_index": torch.as_tensor(j, device=dev)}
+            if adapt_offsets is not None:
+                kw["tgt_offset"] = adapt_offsets[j].to(dev)
         if offsets is not None:
             kw["src_offset"] = offsets[i].to(dev)
         with loop.autocast(accelerator, mp):
@@ -358,15 +365,17 @@ def _variant(name: str, cfg: Config, run_dir: Path, stage_dir: Path, windows: Fm
     if result["stopped"] is not None or not main:
         return metrics
     if test_ok:
-        metrics["heldout_ce_after"] = heldout_ce(model, test, eval_targets, eval_bs, s2.eval_max_trials)
+        metrics["heldout_ce_after"] = heldout_ce(model, test, eval_targets, eval_bs,
+                                                 s2.eval_max_trials, offsets=test_offsets)
         log(f"stage2[{name}]: held-out CE {before:.3f} -> {metrics['heldout_ce_after']:.3f}")
     if s2.compare_da:  # the two variants' target-feature statistics make the DA effect
         src_sel = np.random.default_rng(s2.seed).permutation(len(src))[:max(len(adapt), len(test), 64)]
         f_src = pooled_z(student, src, eval_bs, src_sel)
         metrics["features"] = {
-            part: feature_statistics(f_src, src.classes[src_sel], pooled_z(student, d, eval_bs),
-                                     s2.seed)
-            for part, d in (("adapt", adapt), ("test", test)) if len(d) >= 2}
+            part: feature_statistics(f_src, src.classes[src_sel],
+                                     pooled_z(student, d, eval_bs, offsets=off), s2.seed)
+            for part, d, off in (("adapt", adapt, adapt_offsets), ("test", test, test_offsets))
+            if len(d) >= 2}
     save_student(student, stage_dir / STUDENT_FILE, spec=_spec_of(run_dir),
                  input_shape=tuple(info["input_shape"]), d_llm=info["d_llm"],
                  n_tokens=info["n_tokens"], enc=cfg.encoder, extra=info["extra"])
