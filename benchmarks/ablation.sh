@@ -6,12 +6,12 @@
 #        environment when the dataset lives elsewhere; prepared/,
 #        teacher/, annotations/, eval_annotations/ are reused; nothing in RUN is changed)
 #   OUT: where each variant's run directory goes (OUT/<variant>)
-#   variants (default all): full no_linear no_deep mbm_init no_dance no_adaptors
+#   variants (default all): full no_linear no_deep mbm_init no_dance no_adaptors no_alignment
 # Prints benchmarks/peers_table.py's rows for each variant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=$(realpath "$1"); OUT=$2; shift 2
-VARIANTS=("${@:-full no_linear no_deep mbm_init no_dance no_adaptors}")
+VARIANTS=("${@:-full no_linear no_deep mbm_init no_dance no_adaptors no_alignment}")
 BIDS=${BIDS:-$RUN/bids}
 export HF_HUB_OFFLINE=1
 declare -A OVERRIDES=(
@@ -21,6 +21,7 @@ declare -A OVERRIDES=(
   [mbm_init]="stage1.mbm_checkpoint=auto"
   [no_dance]="loss.domain_adaptation=false"
   [no_adaptors]="encoder.adapter_rank=0"
+  [no_alignment]="encoder.align_subjects=false"  # held-out subjects not aligned (CORAL)
 )
 for v in ${VARIANTS[@]}; do
   dir=$OUT/$v
