@@ -366,8 +366,6 @@ def test_sigkill_during_annotate_then_rerun(tmp_path, finished_run, tiny_llm_dir
     import signal
     import time
 
-    import torch
-
     out, _, _ = finished_run
     args = [*TINY, f"teacher.llm={tiny_llm_dir}"]
     ref_index, ref_tensors = _annotation_store(out / "annotations")
