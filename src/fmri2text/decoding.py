@@ -232,9 +232,8 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     t = time.perf_counter()
     pos = np.arange(len(test))
     adapt_idx = split_rows(trials, "adapt")  # each held-out subject aligned by its unlabelled
-    tok_off, sem_off = decoder.alignment(  # adapt trials (models/alignment.py), or None
-        windows.data, test_idx, subjects, adapt_idx,
-        trials["subject"].astype(str).to_numpy()[adapt_idx])
+    adapt_subjects = trials["subject"].astype(str).to_numpy()[adapt_idx]  # adapt trials, or None
+    tok_off, sem_off = decoder.alignment(windows.data, test_idx, subjects, adapt_idx, adapt_subjects)
     z = decoder.fmri_tokens(windows.data, test_idx, offsets=tok_off)  # (n, L, d)
     saliency = _saliency(decoder, test, pos, p.decode_batch_size)
     instrs = [instruction] * len(test)
@@ -304,9 +303,8 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
               "deep_gain": decoder.deep_gain,
               "subject_alignment": None if tok_off is None else {
                   "method": "coral", "shrinkage": cfg.encoder.align_shrinkage,
-                  "unlabelled_trials": {str(k): int(v) for k, v in zip(*np.unique(
-                      trials["subject"].astype(str).to_numpy()[adapt_idx], return_counts=True))
-                      if k in set(subjects)}},
+                  "unlabelled_trials": {str(k): int(v) for k, v in zip(
+                      *np.unique(adapt_subjects, return_counts=True)) if k in set(subjects)}},
               "decoding_choice": choice,
               "mask_sha256": decoder.preprocessing.mask_sha256(),
               "timings_s": {k: round(v, 2) for k, v in timings.items()},
