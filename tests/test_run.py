@@ -236,6 +236,24 @@ def test_held_out_subjects_are_aligned_by_their_adapt_trials(finished_run):
     assert (out / "predictions.jsonl").read_bytes() == before
 
 
+def test_decode_records_what_the_deep_path_adds(finished_run):
+    """decode.json says how much of the test trials' tokens the deep path makes and how much of
+    that varies from trial to trial (models/student.deep_path_share), and the report says it;
+    with the deep path off there is nothing to say."""
+    out, _, _ = finished_run
+    decode = json.loads((out / "decode.json").read_text())
+    share = decode["deep_path"]
+    if decode["deep_gain"] == 0:
+        assert share is None
+        return
+    assert share["trials"] == decode["n_test_trials"] and share["tokens_rms"] > 0
+    assert share["deep_rms"] ** 2 == pytest.approx(share["deep_shared_rms"] ** 2
+                                                   + share["deep_trial_rms"] ** 2, rel=1e-6)
+    assert share["trial_ratio"] == pytest.approx(share["deep_trial_rms"] / share["linear_trial_rms"])
+    report = (out / "report.html").read_text()
+    assert f"{100 * share['trial_ratio']:.0f} % the size of the linear path" in report
+
+
 def test_decode_with_a_student_of_another_config(finished_run, tiny_llm_dir):
     out, _, _ = finished_run
     before = (out / "predictions.jsonl").read_bytes()

@@ -34,7 +34,7 @@ import torch
 from fmri2text.config import Config
 from fmri2text.errors import UserError
 from fmri2text.io import ensure_output_dir, file_hash, write_bytes, write_json, write_jsonl
-from fmri2text.models.student import deep_gain_text
+from fmri2text.models.student import deep_gain_text, deep_path_share
 from fmri2text.steps import EVAL_ANNOTATIONS, teacher_checkpoint
 
 Log = Callable[[str], None]
@@ -120,6 +120,21 @@ def _saliency(decoder, data, positions: np.ndarray, batch: int) -> np.ndarray:
     decoder.student.zero_grad(set_to_none=True)
     flat = total.flatten() if data.crop is None else total.flatten()[data.crop.index]
     return (flat / max(len(positions), 1)).numpy()
+
+
+def _deep_path(decoder, data, z: torch.Tensor, offsets: torch.Tensor | None, batch: int
+               ) -> dict | None:
+    """What the deep path adds to the test trials' tokens ``z`` (:func:`fmri2text.models.
+    student.deep_path_share`), or None without a linear path or with the deep path off."""
+    student = decoder.student
+    if student.linear is None or decoder.deep_gain == 0:
+        return None
+    with torch.no_grad():
+        device = student.linear.index.device
+        lin = torch.cat([student.linear(data.fmri(np.arange(s, min(s + batch, len(data))))
+                                        .to(device)).float().cpu()
+                         for s in range(0, len(data), batch)])  # (n, L, d)
+    return deep_path_share(z, student.cross_fitted(lin, offsets))
 
 
 def choose_decoding(decoder, windows, run: Path, cfg: Config, log: Log = print) -> dict | None:
@@ -236,6 +251,7 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
     tok_off, sem_off = decoder.alignment(windows.data, test_idx, subjects, adapt_idx, adapt_subjects)
     z = decoder.fmri_tokens(windows.data, test_idx, offsets=tok_off)  # (n, L, d)
     saliency = _saliency(decoder, test, pos, p.decode_batch_size)
+    deep_path = _deep_path(decoder, test, z, tok_off, p.decode_batch_size)
     instrs = [instruction] * len(test)
     log(f"decode: {len(test)} test trials of {len(set(subjects))} held-out subject(s)")
     semantic = decoder.semantic(windows.data, test_idx, offsets=sem_off)  # (n, d_s) or None
@@ -301,6 +317,7 @@ def run_decode(bids: Path, run: Path, cfg: Config, instruction: str | None = Non
               "truth_source": truth_source,
               "prompt_only_answer": prior, "generation": decoder.generation_kwargs(),
               "deep_gain": decoder.deep_gain,
+              "deep_path": deep_path,
               "subject_alignment": None if tok_off is None else {
                   "method": "coral", "shrinkage": cfg.encoder.align_shrinkage,
                   "unlabelled_trials": {str(k): int(v) for k, v in zip(
@@ -384,6 +401,12 @@ def decoding_summary(record: dict) -> dict:
     if choice:
         text += (f", chosen on {choice['n_validation_trials']} validation trials of the training "
                  f"subjects among {len(choice['settings'])} settings")
+    share = record.get("deep_path")
+    if share and share.get("tokens_rms"):
+        text += (f"; the deep path adds one shift to every trial's tokens "
+                 f"({100 * share['deep_shared_rms'] / share['tokens_rms']:.0f} % of their RMS) "
+                 f"and a part that varies from trial to trial {100 * share['trial_ratio']:.0f} % "
+                 "the size of the linear path's")
     return {"text": text, "samples": samples, "mbr_beta": g.get("mbr_beta"),
             "rerank": g.get("rerank"), "deep_gain": deep, "chosen_on_validation": bool(choice)}
 

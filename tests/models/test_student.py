@@ -1,9 +1,10 @@
 """Student: exactly L tokens of the LLM width; gradients reach only tokenizer, adaptors, projector."""
 
+import pytest
 import torch
 
 from fmri2text.config import EncoderConfig
-from fmri2text.models.student import Projector, Student
+from fmri2text.models.student import Projector, Student, deep_path_share
 
 SHAPE = (2, 16, 16, 8)
 
@@ -97,3 +98,19 @@ def test_deep_gain_weighs_the_deep_path_over_the_linear_one():
         assert torch.equal(s(x, deep_gain=0.0), linear) and torch.equal(s(x, deep_gain=1.0), whole)
         assert linear.abs().max() > 0 and (whole - linear).abs().max() > 0
         assert torch.allclose(s(x, deep_gain=0.5), linear + 0.5 * (whole - linear), atol=1e-5)
+
+
+def test_deep_path_share_separates_the_shared_shift_from_the_trial_part():
+    """A deep path that adds one shift to every trial has no trial part; one that adds half
+    the linear path's own deviations has a trial part half the linear path's; the two parts
+    make up the whole (their squares add up)."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.randn(20, 3, 4, generator=g)  # (n, L, d)
+    shift = torch.randn(1, 3, 4, generator=g)
+    share = deep_path_share(lin + shift, lin)
+    assert share["trials"] == 20 and share["trial_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert share["deep_shared_rms"] == pytest.approx(float(shift.pow(2).mean().sqrt()), rel=1e-6)
+    share = deep_path_share(1.5 * lin - 0.5 * lin.mean(dim=0) + shift, lin)
+    assert share["trial_ratio"] == pytest.approx(0.5, rel=1e-6)
+    assert share["deep_rms"] ** 2 == pytest.approx(share["deep_shared_rms"] ** 2
+                                                   + share["deep_trial_rms"] ** 2, rel=1e-6)

@@ -171,6 +171,28 @@ class LinearPath(nn.Module):
             getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
 
 
+def deep_path_share(z: torch.Tensor, linear_tokens: torch.Tensor) -> dict[str, float]:
+    """How much of the student's tokens ``z`` (n, L, d) its deep path makes, and how much of
+    that depends on the trial, against the linear path's own tokens ``linear_tokens``
+    (n, L, d) of the same trials (with the same offsets).
+
+    The deep path's part is ``z - linear_tokens``; its mean over the trials is what it adds
+    to every trial alike (a learned soft prompt), the rest is what it reads from each trial's
+    brain. ``trial_ratio``: the RMS of that rest over the RMS of the linear path's own
+    trial-to-trial variation (0: the deep path adds one fixed shift).
+    """
+    deep = (z - linear_tokens).double()
+    lin = linear_tokens.double()
+    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    mean = deep.mean(dim=0, keepdim=True)
+    out = {"trials": int(z.shape[0]), "tokens_rms": rms(z.double()), "deep_rms": rms(deep),
+           "deep_shared_rms": rms(mean),
+           "deep_trial_rms": rms(deep - mean), "linear_trial_rms": rms(lin - lin.mean(dim=0))}
+    out["trial_ratio"] = out["deep_trial_rms"] / out["linear_trial_rms"] \
+        if out["linear_trial_rms"] > 0 else float("nan")
+    return out
+
+
 def deep_gain_text(deep_gain: float) -> str:
     """How a decoder's tokens are made, for logs, reports and model cards ('' for the whole
     student, deep path at weight 1)."""
