@@ -251,7 +251,7 @@ def test_decode_records_what_the_deep_path_adds(finished_run):
                                                    + share["deep_trial_rms"] ** 2, rel=1e-6)
     assert share["trial_ratio"] == pytest.approx(share["deep_trial_rms"] / share["linear_trial_rms"])
     report = (out / "report.html").read_text()
-    assert f"{100 * share['trial_ratio']:.0f} % the size of the linear path" in report
+    assert f"{100 * share['trial_ratio']:.0f} % as large as that of the linear path" in report
 
 
 def test_decode_with_a_student_of_another_config(finished_run, tiny_llm_dir):

@@ -403,10 +403,10 @@ def decoding_summary(record: dict) -> dict:
                  f"subjects among {len(choice['settings'])} settings")
     share = record.get("deep_path")
     if share and share.get("tokens_rms"):
-        text += (f"; the deep path adds one shift to every trial's tokens "
-                 f"({100 * share['deep_shared_rms'] / share['tokens_rms']:.0f} % of their RMS) "
-                 f"and a part that varies from trial to trial {100 * share['trial_ratio']:.0f} % "
-                 "the size of the linear path's")
+        text += (f"; the deep path adds a shift shared by all trials "
+                 f"({100 * share['deep_shared_rms'] / share['tokens_rms']:.0f} % of the RMS of the "
+                 f"tokens) and a trial-to-trial part {100 * share['trial_ratio']:.0f} % as large "
+                 "as that of the linear path")
     return {"text": text, "samples": samples, "mbr_beta": g.get("mbr_beta"),
             "rerank": g.get("rerank"), "deep_gain": deep, "chosen_on_validation": bool(choice)}
 
