@@ -402,7 +402,7 @@ def decoding_summary(record: dict) -> dict:
         text += (f", chosen on {choice['n_validation_trials']} validation trials of the training "
                  f"subjects among {len(choice['settings'])} settings")
     share = record.get("deep_path")
-    if share and share.get("tokens_rms"):
+    if share and share.get("tokens_rms") and share.get("trial_ratio") is not None:
         text += (f"; the deep path adds a shift shared by all trials "
                  f"({100 * share['deep_shared_rms'] / share['tokens_rms']:.0f} % of the RMS of the "
                  f"tokens) and a trial-to-trial part {100 * share['trial_ratio']:.0f} % as large "

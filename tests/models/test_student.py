@@ -114,3 +114,5 @@ def test_deep_path_share_separates_the_shared_shift_from_the_trial_part():
     assert share["trial_ratio"] == pytest.approx(0.5, rel=1e-6)
     assert share["deep_rms"] ** 2 == pytest.approx(share["deep_shared_rms"] ** 2
                                                    + share["deep_trial_rms"] ** 2, rel=1e-6)
+    one = deep_path_share(lin[:1] + shift, lin[:1])  # one trial: nothing varies
+    assert one["trial_ratio"] is None and one["deep_trial_rms"] == 0.0

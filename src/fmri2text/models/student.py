@@ -179,17 +179,18 @@ def deep_path_share(z: torch.Tensor, linear_tokens: torch.Tensor) -> dict[str, f
     The deep path's part is ``z - linear_tokens``; its mean over the trials is what it adds
     to every trial alike (a learned soft prompt), the rest is what it reads from each trial's
     brain. ``trial_ratio``: the RMS of that rest over the RMS of the linear path's own
-    trial-to-trial variation (0: the deep path adds one fixed shift).
+    trial-to-trial variation (0: the deep path adds one fixed shift; None when the linear
+    path does not vary, e.g. over one trial).
     """
     deep = (z - linear_tokens).double()
     lin = linear_tokens.double()
     rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
     mean = deep.mean(dim=0, keepdim=True)
     out = {"trials": int(z.shape[0]), "tokens_rms": rms(z.double()), "deep_rms": rms(deep),
-           "deep_shared_rms": rms(mean),
-           "deep_trial_rms": rms(deep - mean), "linear_trial_rms": rms(lin - lin.mean(dim=0))}
+           "deep_shared_rms": rms(mean), "deep_trial_rms": rms(deep - mean),
+           "linear_trial_rms": rms(lin - lin.mean(dim=0))}
     out["trial_ratio"] = out["deep_trial_rms"] / out["linear_trial_rms"] \
-        if out["linear_trial_rms"] > 0 else float("nan")
+        if out["linear_trial_rms"] > 0 else None
     return out
 
 
