@@ -5,11 +5,12 @@
 
 SHA-256 (first 16 hex digits) over every file's relative path and content digest, in sorted
 order, leaving out the simulator's stamp ``.fmri2text-simulate.json`` (it records the seconds
-the run took). The demo's default world: ``36994e5b48511f29`` on an AVX-512 Xeon with OpenBLAS's SkylakeX kernels,
-``1050a3eb9979114a`` there with ``OPENBLAS_CORETYPE=Haswell`` (AVX2's kernels; BENCHMARKS,
-session 19): OpenBLAS's products round differently there, so 6 of the demo's 397,612,800
-int16 BOLD values (one in each of 6 of its 18 runs) differ by 1, and the float truth maps and
-features under derivatives/ in their last bits.
+the run took). The demo's default world is ``1050a3eb9979114a`` on an AVX2 EPYC and on an
+AVX-512 Xeon, with the default ``FMRI2TEXT_CPU_KERNELS`` (numpy's OpenBLAS on its AVX2
+kernels everywhere). With ``FMRI2TEXT_CPU_KERNELS=native`` the Xeon's is ``36994e5b48511f29``:
+OpenBLAS's SkylakeX products round differently, so 6 of the demo's 397,612,800 int16 BOLD
+values (one in each of 6 of its 18 runs) differ by 1, and the float truth maps and features
+under derivatives/ in their last bits (BENCHMARKS, sessions 19 and 23).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import fmri2text  # noqa: E402,F401  (pins the CPU kernels before any test module loads numpy)
+
 #: ../shared/data beside the checkout (reference metadata); tests using it skip when absent.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

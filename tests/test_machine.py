@@ -36,9 +36,12 @@ def _probe(code: str = PROBE, **env: str) -> dict:
     return json.loads(r.stdout)
 
 
+TORCH_DIGESTS = ("linear", "conv3d", "softmax")  # machine.kernel_digests: the rest are numpy's
+
+
 @x86_avx2
 def test_avx2_kernels_are_pinned_before_torch_and_numpy_load():
-    native, pinned = _probe(), _probe(FMRI2TEXT_CPU_KERNELS="avx2")
+    native, pinned = _probe(FMRI2TEXT_CPU_KERNELS="native"), _probe(FMRI2TEXT_CPU_KERNELS="avx2")
     assert all(v is None for v in native["env"].values())
     assert native["machine"]["kernels"] == "native"
     assert pinned["env"] == machine.AVX2_KERNELS and pinned["machine"]["kernels"] == "avx2"
@@ -50,9 +53,36 @@ def test_avx2_kernels_are_pinned_before_torch_and_numpy_load():
 
 
 @x86_avx2
+def test_by_default_numpy_takes_avx2_kernels_and_torch_its_own():
+    default, native = _probe(), _probe(FMRI2TEXT_CPU_KERNELS="native")
+    pinned = _probe(FMRI2TEXT_CPU_KERNELS="avx2")
+    assert default["env"] == {**dict.fromkeys(machine.AVX2_KERNELS), **machine.BLAS_AVX2_KERNELS}
+    assert default["machine"]["kernels"] == "blas-avx2"
+    assert default["machine"]["blas"] == "openblas Haswell"
+    assert default["machine"]["torch_cpu"] == native["machine"]["torch_cpu"]
+    for name, digest in default["digests"].items():  # numpy's as pinned, torch's as native
+        assert digest == (native if name in TORCH_DIGESTS else pinned)["digests"][name], name
+
+
+@x86_avx2
 def test_a_script_that_loads_torch_first_is_told_the_pin_came_too_late():
     out = _probe("import torch, numpy\n" + PROBE, FMRI2TEXT_CPU_KERNELS="avx2")
     assert out["machine"]["kernels"] == "avx2 (too late for torch, numpy)"
+    out = _probe("import torch, numpy\n" + PROBE)  # the default pins numpy's kernels alone
+    assert out["machine"]["kernels"] == "blas-avx2 (too late for numpy)"
+    assert _probe("import torch\n" + PROBE)["machine"]["kernels"] == "blas-avx2"
+
+
+@pytest.mark.parametrize("choice", ["blas-avx2", "avx2"])
+def test_a_cpu_without_avx2_keeps_its_native_kernels(monkeypatch, choice):
+    monkeypatch.setattr(machine, "_cpu_info", lambda: ("an old CPU", {"sse4_2"}))
+    monkeypatch.setenv(machine.KERNELS_ENV, choice)
+    for key in machine.AVX2_KERNELS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(machine, "_pin_note", [])
+    machine.pin_kernels()  # AVX2's kernels would stop such a CPU with an illegal instruction
+    assert all(key not in os.environ for key in machine.AVX2_KERNELS)
+    assert machine._pin_note == ["no AVX2: native kernels"]
 
 
 def test_the_digests_are_the_same_in_every_process():

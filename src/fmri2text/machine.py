@@ -6,12 +6,18 @@ differently in the last bits. Those bits can change a sampled token, and every l
 So a result records where it was computed; two runs that differ can then be told apart
 from a bug.
 
-``FMRI2TEXT_CPU_KERNELS=avx2`` asks every library for its AVX2 kernels on any x86-64 CPU
-(:func:`pin_kernels`). On an AVX2 machine it changes no byte; on an AVX-512 Xeon it gives
-the AVX2 machines' :func:`kernel_digests`, but the demo there still fitted another teacher,
-and took 1.29x as long (BENCHMARKS, session 19), so it is not the default.
-``benchmarks/cross_cpu_probe.py`` digests the embedded models' passes, to find where two
-machines part.
+By default (``FMRI2TEXT_CPU_KERNELS`` unset or ``blas-avx2``) numpy's and scipy's OpenBLAS
+take their AVX2 (Haswell) kernels on every x86-64 CPU that has AVX2: numpy's products, and
+with them the simulated datasets, are then the same bytes on AVX2 and AVX-512 machines (an
+AVX2 EPYC and an AVX-512 Xeon simulate the same demo world, ``1050a3eb9979114a``;
+with SkylakeX's kernels the Xeon's differs in 6 int16 BOLD values: BENCHMARKS, sessions 19
+and 23). Torch keeps its native kernels.
+``FMRI2TEXT_CPU_KERNELS=avx2`` pins torch, MKL and oneDNN to AVX2 as well
+(:func:`pin_kernels`): on an AVX2 machine it changes no byte; on an AVX-512 Xeon it gives
+the AVX2 machines' :func:`kernel_digests`, but its causal attention still rounds otherwise
+(``benchmarks/cross_cpu_probe.py``), the demo there fitted another teacher and took 1.29x as
+long (BENCHMARKS, sessions 19 and 23), so it is not the default. ``native`` leaves every
+library its own choice.
 """
 
 from __future__ import annotations
@@ -22,44 +28,53 @@ import platform
 import sys
 from pathlib import Path
 
-#: the environment variable that picks the CPU kernels: ``native`` (default: each library's
-#: best for this CPU) or ``avx2`` (AVX2's kernels on every x86-64 CPU, AVX-512 ones too)
+#: the environment variable that picks the CPU kernels: ``blas-avx2`` (default: OpenBLAS's
+#: AVX2 kernels for numpy and scipy, torch's native), ``native`` (each library's best for this
+#: CPU) or ``avx2`` (AVX2's kernels in every library, on AVX-512 CPUs too)
 KERNELS_ENV = "FMRI2TEXT_CPU_KERNELS"
-KERNELS = ("native", "avx2")
+KERNELS = ("blas-avx2", "native", "avx2")
+#: what ``blas-avx2`` sets before numpy loads: OpenBLAS's kernels (numpy, scipy) for Haswell,
+#: the AVX2 kind
+BLAS_AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell"}
 #: what ``avx2`` sets before torch and numpy load: ATen's vectorised kernels, MKL's
-#: conditional numerical reproducibility mode, oneDNN's instruction-set cap, and OpenBLAS's
-#: kernels (numpy, scipy) for Haswell, the AVX2 kind. A variable already set is kept.
+#: conditional numerical reproducibility mode, oneDNN's instruction-set cap, and OpenBLAS's.
+#: A variable already set is kept.
 AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                "OPENBLAS_CORETYPE": "Haswell"}
-_pin_note: list[str] = []  # why the pin did not (fully) take: libraries already loaded, not x86
+                **BLAS_AVX2_KERNELS}
+_pin_note: list[str] = []  # why the pin did not (fully) take: libraries already loaded, no AVX2
 
 
 def pin_kernels() -> None:
     """Apply :data:`KERNELS_ENV` (``import fmri2text`` calls this first thing).
 
-    ``avx2`` takes effect only for the libraries not yet loaded: the ``fmri2text`` command
+    A pin takes effect only for the libraries not yet loaded: the ``fmri2text`` command
     loads none before this, a script must ``import fmri2text`` before torch and numpy
-    (:func:`describe` records which were too late). Not x86-64: nothing to pin.
+    (:func:`describe` records which were too late). A CPU that is not x86-64 or lacks AVX2
+    keeps its native kernels (AVX2's would not run there). An unknown value pins nothing
+    here; :func:`kernels` reports it.
     """
-    if os.environ.get(KERNELS_ENV) != "avx2":
+    choice = os.environ.get(KERNELS_ENV) or KERNELS[0]
+    pins = {"blas-avx2": BLAS_AVX2_KERNELS, "avx2": AVX2_KERNELS}.get(choice)
+    if not pins:
         return
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        _pin_note[:] = ["not x86-64: native kernels"]
+    if platform.machine().lower() not in ("x86_64", "amd64") or "avx2" not in _cpu_info()[1]:
+        _pin_note[:] = ["no AVX2: native kernels"]
         return
-    late = [m for m in ("torch", "numpy") if m in sys.modules]
+    late = [m for m in ("torch", "numpy") if m in sys.modules and (m == "numpy" or choice == "avx2")]
     _pin_note[:] = [f"too late for {', '.join(late)}"] if late else []
-    for key, value in AVX2_KERNELS.items():
+    for key, value in pins.items():
         os.environ.setdefault(key, value)
 
 
 def kernels() -> str:
     """The kernels asked for by :data:`KERNELS_ENV`, checked: a UserError names the bad value."""
-    choice = os.environ.get(KERNELS_ENV) or "native"
+    choice = os.environ.get(KERNELS_ENV) or KERNELS[0]
     if choice not in KERNELS:
         from fmri2text.errors import UserError
 
         raise UserError(f"{KERNELS_ENV}={choice!r} is not one of {', '.join(KERNELS)}",
-                        fix=f"unset {KERNELS_ENV} (native kernels) or set it to avx2")
+                        fix=f"unset {KERNELS_ENV} (default: {KERNELS[0]}) or set it to one of "
+                        + ", ".join(KERNELS))
     return choice
 
 

@@ -338,7 +338,7 @@ COMMAND_CASES = [
                                                [str(w)])),
     # read when fmri2text is imported (the CPU kernels), checked before any command runs
     Case("machine", "cpu_kernels_unknown", lambda w: (["machine"], ["FMRI2TEXT_CPU_KERNELS",
-                                                                    "avx512", "native, avx2"]),
+                                                                    "avx512", "blas-avx2, native, avx2"]),
          env={"FMRI2TEXT_CPU_KERNELS": "avx512"}),
     Case("report", "samples_negative", lambda w: (["report", "--run", _run_dir(w), "--samples", "-1"],
                                                   ["--samples"])),
