@@ -169,12 +169,13 @@ def test_decoding_is_chosen_on_validation_trials_and_applied(tmp_path, finished_
     assert choice["n_validation_trials"] >= 2
     settings = [(s["deep_gain"], s["samples"], s["mbr_beta"], s["rerank"])
                 for s in choice["settings"]]
-    # the grid is the config defaults (the tiny student has a linear path and a semantic head)
+    # the grid is the config defaults (the tiny student has a linear path and a semantic head),
+    # with configs/tiny.yaml's deep gains: the whole student and the linear path alone
     d = PipelineConfig()
-    assert settings == [x for g in d.decode_choose_deep_gains for x in
+    assert settings == [x for g in [1.0, 0.0] for x in
                         [(g, 0, 1.0, 0.0)] + [(g, 32, b, r) for b in d.decode_choose_betas
                                               for r in d.decode_choose_reranks]]
-    assert 0.0 not in d.decode_choose_reranks and d.decode_choose_deep_gains == [1.0, 0.0]
+    assert 0.0 not in d.decode_choose_reranks and d.decode_choose_deep_gains == [1.0]
     best = max(choice["settings"], key=lambda s: s["mean"])
     for s in choice["settings"]:
         assert s["mean"] == pytest.approx((s["bertscore_f1"] + s["bleu1"]) / 2)

@@ -343,10 +343,10 @@ class PipelineConfig:
     # no 0 by default: on validation (subjects the deep path trained on) the semantic head looked
     # worth -1.6..+1.2 F1, on held-out test trials +0.7..+10.9 in 15 of 16 (BENCHMARKS, s. 19)
     decode_choose_reranks: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    # weight of the deep path's residual in the tokens that decode (0: the linear path alone,
-    # models/student.py); on the seed-23 world validation and test alike preferred 0 (s. 20)
+    # weight of the deep path's residual in the tokens that decode (0: the linear path alone);
+    # [1.0, 0.0] also tries 0: chosen on seed 23 before the alignment (s. 20), never since (s. 23)
     decode_deep_gain: float = 1.0
-    decode_choose_deep_gains: list[float] = field(default_factory=lambda: [1.0, 0.0])
+    decode_choose_deep_gains: list[float] = field(default_factory=lambda: [1.0])
     # teacher health after annotate (fmri2text/health.py): below these the run stops (exit 2)
     min_distinct_answer_fraction: float = 0.05  # distinct answers / clips
     max_token_cosine: float = 0.995  # mean pairwise cosine of the clips' mean video tokens
