@@ -60,7 +60,11 @@ def pin_kernels() -> None:
     if platform.machine().lower() not in ("x86_64", "amd64") or "avx2" not in _cpu_info()[1]:
         _pin_note[:] = ["no AVX2: native kernels"]
         return
-    late = [m for m in ("torch", "numpy") if m in sys.modules and (m == "numpy" or choice == "avx2")]
+    # a library loaded before this is late unless its variables were already set when this
+    # process started (a worker process inherits them from the fmri2text process that made it)
+    unset = {k for k in pins if k not in os.environ}
+    keys = {"numpy": {"OPENBLAS_CORETYPE"}, "torch": set(AVX2_KERNELS) - {"OPENBLAS_CORETYPE"}}
+    late = [m for m in ("torch", "numpy") if m in sys.modules and keys[m] & unset]
     _pin_note[:] = [f"too late for {', '.join(late)}"] if late else []
     for key, value in pins.items():
         os.environ.setdefault(key, value)
