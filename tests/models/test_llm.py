@@ -151,6 +151,39 @@ def test_prompt_step_logits_equal_the_llms_own_last_position_logits(sharp, dtype
     assert cache.get_seq_length() == ref.cache.get_seq_length() == embeds.shape[1]
 
 
+def test_select_rows_gives_the_caches_own_tensors_with_one_copy(sharp):
+    """select_rows keeps (and repeats) rows and leaves room for the next column: the next
+    step's logits and the cache after it equal, bit for bit, transformers' own
+    batch_select_indices followed by its torch.cat growth; the step after that grows as usual."""
+    import copy
+
+    model, tok = sharp
+    soft = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(2))
+    embeds, mask, _ = llm.build_prompt_embeds(model, tok, soft, ["a ?", "describe the video .", "b"])
+    cache, logits, pos = generation._prompt_step(model, embeds, mask, None)
+    rows = torch.tensor([2, 0, 0, 1, 2])  # one row dropped, others repeated for their children
+    ids = logits.argmax(-1)[rows][:, None]
+    step_mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], 1)
+    steps = {}
+    for name in ("own", "room"):
+        c = copy.deepcopy(cache)
+        if name == "own":
+            c.batch_select_indices(rows)
+        else:
+            generation.select_rows(c, rows)
+            assert c.get_seq_length() == cache.get_seq_length()  # the room is not a column yet
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=step_mask, position_ids=pos[rows, -1:] + 1,
+                        cache=c, use_cache=True)
+            again = model(input_ids=ids, attention_mask=torch.cat([step_mask, step_mask[:, :1]], 1),
+                          position_ids=pos[rows, -1:] + 2, cache=out.cache, use_cache=True)
+        steps[name] = (out.logits, again.logits, [t.clone() for layer in again.cache.layers
+                                                  for t in (layer.keys, layer.values)])
+    assert torch.equal(steps["own"][0], steps["room"][0])
+    assert torch.equal(steps["own"][1], steps["room"][1])
+    assert all(torch.equal(a, b) for a, b in zip(steps["own"][2], steps["room"][2]))
+
+
 def test_greedy_rows_leave_the_batch_at_their_eos_and_match_hf_generate(sharp):
     """Rows that end early leave the batch; every row's tokens equal HF generate's."""
     model, tok = sharp

@@ -211,7 +211,7 @@ def greedy_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tenso
     The same tokens as ``model.generate(do_sample=False)``, which keeps computing finished
     rows until the longest answer of the batch ends (the teacher's answers: median 10 tokens,
     up to 19 in a batch of 64). Here each step runs only the unfinished rows, and
-    ``cache.batch_select_indices`` keeps their keys and values: 17 % less time on the
+    :func:`select_rows` keeps their keys and values: 17 % less time on the
     teacher's annotation workload (BENCHMARKS). After a row's ``eos`` its ids are ``pad``, as
     with ``generate``; ``eos`` None: every row runs ``max_new_tokens``. ``cache``: keys and
     values of the first columns (:func:`~fmri2text.models.llm.prefix_cache`) or None.
@@ -255,11 +255,11 @@ def answer_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tenso
         going = torch.ones_like(nxt, dtype=torch.bool) if eos is None else nxt != eos
         if step + 1 == max_new_tokens or not going.any():
             return new[:, :step + 1]
+        keep = going.nonzero().squeeze(1)
         if not going.all():
-            keep = going.nonzero().squeeze(1)
             rows, nxt, last = rows[keep], nxt[keep], last[keep]
             attention_mask = attention_mask[keep]
-            cache.batch_select_indices(keep)
+        select_rows(cache, keep)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
         last = last + 1
         out = model(input_ids=nxt[:, None], attention_mask=attention_mask,
@@ -267,6 +267,48 @@ def answer_tokens(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tenso
         cache = out.cache
         nxt = _next_token(out.logits[:, -1], temperature, top_p, generator)
     return new
+
+
+def select_rows(cache, rows: Tensor) -> None:
+    """Keep the cache's ``rows`` (a row repeated for each of its children) with room for one
+    more column, which each layer's next ``update`` fills in place.
+
+    transformers' ``batch_select_indices`` copies every key and value, and the next
+    ``update`` copies them again to append a column (``torch.cat``): two copies a step, ~40 s
+    of the AVX2 demo's decode (BENCHMARKS, session 23). Here ``index_select`` writes the rows
+    into a tensor one column longer: one copy, and the tensors the layers attend over are the
+    ones ``torch.cat`` would have made, value for value, so every output keeps its bytes.
+    A cache of another kind than transformers' ``DynamicLayer`` layers is left to its own
+    ``batch_select_indices``.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        cache.batch_select_indices(rows)
+        return
+    for layer in layers:
+        if not layer.is_initialized or layer.keys.numel() == 0:
+            continue
+        grown = []
+        for held in (layer.keys, layer.values):  # (R, heads, T, head_dim)
+            n, h, t, d = held.shape
+            room = held.new_empty(len(rows), h, t + 1, d)
+            torch.index_select(held, 0, rows, out=room[:, :, :t])
+            grown.append(room)
+        layer.keys, layer.values = grown[0][:, :, :-1], grown[1][:, :, :-1]
+        layer.update = functools.partial(_fill_column, layer, *grown)
+
+
+def _fill_column(layer, keys: Tensor, values: Tensor, key_states: Tensor, value_states: Tensor,
+                 *args, **kwargs) -> tuple[Tensor, Tensor]:
+    """The ``update`` of a layer :func:`select_rows` made room in: the new column goes into
+    the room; the layer's own ``update`` (``torch.cat``) serves the calls after this one."""
+    keys[:, :, -1:] = key_states
+    values[:, :, -1:] = value_states
+    layer.keys, layer.values = keys, values
+    del layer.update
+    return keys, values
 
 
 @torch.no_grad()
@@ -329,7 +371,7 @@ def sample_answers(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tens
         going = (~ends).nonzero().squeeze(1)
         if len(going) == 0:
             break
-        cache.batch_select_indices(parent[going])  # repeats a prefix's keys for its children
+        select_rows(cache, parent[going])  # repeats a prefix's keys for its children
         attention_mask = torch.cat([attention_mask[parent[going]],
                                     attention_mask.new_ones(len(going), 1)], 1)
         hist, prompt, count = hist[going], prompt[going], count[going]
