@@ -63,7 +63,7 @@ def pin_kernels() -> None:
     # a library loaded before this is late unless its variables were already set when this
     # process started (a worker process inherits them from the fmri2text process that made it)
     unset = {k for k in pins if k not in os.environ}
-    keys = {"numpy": {"OPENBLAS_CORETYPE"}, "torch": set(AVX2_KERNELS) - {"OPENBLAS_CORETYPE"}}
+    keys = {"numpy": set(BLAS_AVX2_KERNELS), "torch": set(AVX2_KERNELS) - set(BLAS_AVX2_KERNELS)}
     late = [m for m in ("torch", "numpy") if m in sys.modules and keys[m] & unset]
     _pin_note[:] = [f"too late for {', '.join(late)}"] if late else []
     for key, value in pins.items():
